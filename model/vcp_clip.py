@@ -1,0 +1,128 @@
+"""VCP-CLIP: CLIP backbone + Pre-VCP + per-layer linear maps + Post-VCP -> anomaly maps (SPEC §3-6)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import CLIP, TextPrompts
+from .post_vcp import PostVCP
+from .pre_vcp import PreVCP
+from .tokenizer import CLASS, CLASS_ID, Tokenizer
+
+__all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES"]
+
+# One template per state (SPEC §2); index 0 = normal, 1 = abnormal.
+TEMPLATES = ((f"a photo of a good {CLASS}",), (f"a photo of a damaged {CLASS}",))
+
+
+@dataclass(frozen=True)
+class VCPConfig:
+    """Everything VCP-CLIP adds on top of a CLIP checkpoint. Defaults are the reference's."""
+
+    features_list: tuple[int, ...] = (6, 12, 18, 24)  # tapped vision blocks, 1-based
+    image_size: int = 518
+    prompt_len: int = 2  # r: class tokens made by Pre-VCP
+    deep_prompt_len: int = 1  # n: learnable prompt tokens per text layer
+    total_d_layer_len: int = 11  # D: text blocks (after the first) that get deep prompts
+    use_global: bool = True  # Pre-VCP on; off = a fixed learnable class token
+    activation: str = "gelu"  # exact GELU: the released checkpoints were trained with it
+    post_vcp_heads: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "features_list", tuple(int(i) for i in self.features_list))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AnomalyMaps:
+    """Per tapped layer, 2-channel softmax maps [B,2,S,S] (channel 1 = abnormal) of both branches."""
+
+    raw: list[torch.Tensor] = field(default_factory=list)  # linear branch (Pre-VCP text)
+    new: list[torch.Tensor] = field(default_factory=list)  # Post-VCP branch
+
+    def abnormal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-time maps (SPEC §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S])."""
+        return tuple(torch.stack([m[:, 1] for m in maps]).mean(0) for maps in (self.raw, self.new))
+
+
+class LinearLayers(nn.Module):
+    """One ``nn.Linear(W -> E)`` per tapped layer, named ``fc.{k}`` as in the checkpoints."""
+
+    def __init__(self, n: int, vision_width: int, embed_dim: int):
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(vision_width, embed_dim) for _ in range(n))
+
+
+class VCPCLIP(nn.Module):
+    """The whole model. ``forward(images [B,3,S,S]) -> AnomalyMaps``. The CLIP backbone is frozen
+    and its vision forward runs without gradients; the trainable parts are ``prompts``,
+    ``pre_vcp``, ``post_vcp`` and ``linear_layers``."""
+
+    def __init__(self, clip: CLIP, cfg: VCPConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        bb = clip.cfg
+        bad = [i for i in cfg.features_list if not 1 <= i <= bb.vision_layers]
+        if bad:
+            raise ValueError(f"features_list {list(cfg.features_list)}: layers {bad} are outside "
+                             f"1..{bb.vision_layers} of this backbone")
+        if not 0 <= cfg.total_d_layer_len <= bb.text_layers - 1:
+            raise ValueError(f"total_d_layer_len {cfg.total_d_layer_len} must be in "
+                             f"0..{bb.text_layers - 1} (text layers - 1)")
+        self.cfg = cfg
+        self.clip = clip.requires_grad_(False)
+        self.prompts = TextPrompts(cfg.deep_prompt_len, cfg.total_d_layer_len, bb.text_width,
+                                   bb.embed_dim)
+        self.pre_vcp = PreVCP(cfg.prompt_len, bb.text_width, bb.embed_dim, cfg.use_global)
+        self.post_vcp = PostVCP(bb.text_width, bb.vision_width, cfg.post_vcp_heads)
+        self.linear_layers = LinearLayers(len(cfg.features_list), bb.vision_width, bb.embed_dim)
+        self._register_templates(tokenizer or Tokenizer(), bb.context_length)
+
+    def _register_templates(self, tokenizer: Tokenizer, context_length: int) -> None:
+        flat = [t for state in TEMPLATES for t in state]
+        ids = tokenizer.tokenize(flat, context_length)  # [S, 77]
+        self.register_buffer("template_ids", ids, persistent=False)
+        self.register_buffer("class_pos", (ids == CLASS_ID).long().argmax(1), persistent=False)
+        eot = tokenizer.specials["<|endoftext|>"]
+        self.register_buffer("eot_pos", (ids == eot).long().argmax(1), persistent=False)
+        self.templates_per_state = [len(state) for state in TEMPLATES]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"prompts": self.prompts, "pre_vcp": self.pre_vcp, "post_vcp": self.post_vcp,
+                "linear_layers": self.linear_layers}
+
+    def encode_text(self, image_features: torch.Tensor) -> torch.Tensor:
+        """image_features [B,E] -> per-image text embeddings [B,2,E] (normal, abnormal)."""
+        class_tokens = self.pre_vcp(image_features)  # [B, r, T]
+        feats = self.clip.encode_text_prompted(self.template_ids, self.class_pos, self.eot_pos,
+                                               class_tokens, self.prompts)  # [B, S, E]
+        states = feats.split(self.templates_per_state, dim=1)
+        return torch.stack([F.normalize(s.mean(1), dim=-1) for s in states], dim=1)
+
+    def _to_map(self, logits: torch.Tensor, size: int) -> torch.Tensor:
+        """[B,L,2] patch logits -> [B,2,S,S] probabilities (bilinear, align_corners=True)."""
+        b, n, c = logits.shape
+        h = int(round(n ** 0.5))
+        grid = logits.transpose(1, 2).reshape(b, c, h, h)
+        up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
+        return up.softmax(dim=1)
+
+    def forward(self, images: torch.Tensor) -> AnomalyMaps:
+        size = images.shape[-1]
+        with torch.no_grad():  # the backbone is frozen (SPEC §7)
+            image_features, tokens = self.clip.encode_image(images, self.cfg.features_list)
+        text = self.encode_text(image_features)  # [B, 2, E]
+        maps = AnomalyMaps()
+        for fc, layer_tokens in zip(self.linear_layers.fc, tokens):
+            patches = layer_tokens[:, 1:]  # [B, L, W], class token removed
+            feats = F.normalize(fc(patches), dim=-1)  # [B, L, E]
+            logits = self.pre_vcp.prompt_temp.exp() * feats @ text.transpose(1, 2)  # [B, L, 2]
+            maps.raw.append(self._to_map(logits, size))
+            patches = F.normalize(patches, dim=-1)
+            refined = self.post_vcp(text, patches)  # [B, 2, W]
+            logits = self.post_vcp.prompt_temp_l1.exp() * patches @ refined.transpose(1, 2)
+            maps.new.append(self._to_map(logits, size))
+        return maps
