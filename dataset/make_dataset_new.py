@@ -1,0 +1,96 @@
+"""Convert an original dataset into the standardized layout (SPEC §9).
+
+    python dataset/make_dataset_new.py --dataset mvtec --src_path <original root> \\
+        --dst_path ./dataset/mvisa/data
+
+writes ``<dst_path>/<dataset>/<product>/{train/good, test/good, test/anomaly,
+ground_truth/anomaly}``.  The whole source is checked first (one error lists every missing
+product, folder, CSV or mask, and nothing is written); the output is built in a hidden sibling
+folder and renamed into place, so a re-run replaces the old folder in one step.  Then run
+``dataset/make_meta.py`` for the meta file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script from anywhere: make `dataset.` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dataset.common import DatasetError, check_dataset_name  # noqa: E402
+from dataset.layouts import LAYOUTS, make_plan  # noqa: E402
+from dataset.writer import write_plan  # noqa: E402
+
+DEFAULT_DST = "./dataset/mvisa/data"
+
+
+def check_paths(src: Path, final: Path) -> None:
+    """Refuse outputs that would overwrite, delete or sit inside the source."""
+    src, final = src.resolve(), final.resolve()
+    if final == src or final in src.parents or src in final.parents:
+        raise DatasetError(f"output folder {final} overlaps the source {src}: replacing it would "
+                           "delete or mix with the original data; choose another --dst_path")
+    if final.exists() and not final.is_dir():
+        raise DatasetError(f"output {final} exists and is not a folder")
+    for parent in final.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DatasetError(f"output parent {parent} exists and is not a folder")
+            break
+
+
+def convert(dataset: str, src_path, dst_path=DEFAULT_DST, layout: Optional[str] = None,
+            mask_threshold: Optional[int] = None, allow_missing_masks: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src_path`` into ``dst_path/dataset`` and return that folder.
+
+    Raises :class:`~dataset.common.DatasetError` (before writing anything) for a bad name, bad
+    paths or a source with missing items; for an unreadable image it raises after removing the
+    partial output, leaving any previous ``dst_path/dataset`` as it was.
+    """
+    check_dataset_name(dataset)
+    src, dst = Path(src_path), Path(dst_path)
+    check_paths(src, dst / dataset)
+    plan = make_plan(dataset, src, layout, mask_threshold, allow_missing_masks)
+    return write_plan(plan, dst, progress=progress)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True,
+                        help="dataset name = output folder and file-name prefix (letters, digits, "
+                             "'-'; no '_'): mvtec, visa, btad, mpdd, dtd, or any name "
+                             "with --layout")
+    parser.add_argument("--src_path", required=True, help="root of the original dataset")
+    parser.add_argument("--dst_path", default=DEFAULT_DST,
+                        help=f"standardized data root (default {DEFAULT_DST})")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                        help="source layout (default: implied by --dataset; required for "
+                             "other names)")
+    parser.add_argument("--mask_threshold", type=int, default=None,
+                        help="mask value > this is anomalous (mvtec_like/btad/folder only; "
+                             "default 128)")
+    parser.add_argument("--allow_missing_masks", action="store_true",
+                        help="folder layout: give anomalous images without a mask an all-zero mask")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (1 with a message for bad input)."""
+    args = parse_args(argv)
+    try:
+        out = convert(args.dataset, args.src_path, args.dst_path, args.layout,
+                      args.mask_threshold, args.allow_missing_masks)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}\nnext: python dataset/make_meta.py --data_path {args.dst_path} "
+          f"--dataset {args.dataset}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
