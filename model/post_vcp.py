@@ -29,7 +29,7 @@ class PostVCP(nn.Module):
         self.proj_post_t = nn.Conv1d(vision_width, vision_width, 1)
 
     @staticmethod
-    def _apply(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    def _project(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, conv.weight.squeeze(-1), conv.bias)  # [B, N, in] -> [B, N, out]
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,9 @@ class PostVCP(nn.Module):
         return x.view(b, n, self.heads, w // self.heads).transpose(1, 2)  # [B, h, N, W/h]
 
     def forward(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        q = self._split(self._apply(self.q_proj_pre, text))  # [B, h, S, d]
-        k = self._split(self._apply(self.k_proj_pre_1, patches))  # [B, h, L, d]
-        v = self._split(self._apply(self.v_proj_pre_1, patches))  # [B, h, L, d]
+        q = self._split(self._project(self.q_proj_pre, text))  # [B, h, S, d]
+        k = self._split(self._project(self.k_proj_pre_1, patches))  # [B, h, L, d]
+        v = self._split(self._project(self.v_proj_pre_1, patches))  # [B, h, L, d]
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # softmax over the L patches
         out = out.transpose(1, 2).flatten(2)  # [B, S, W]
-        return F.normalize(self._apply(self.proj_post_t, out), dim=-1)
+        return F.normalize(self._project(self.proj_post_t, out), dim=-1)

@@ -29,6 +29,7 @@ class VCPConfig:
     use_global: bool = True  # Pre-VCP on; off = a fixed learnable class token
     activation: str = "gelu"  # exact GELU: the released checkpoints were trained with it
     post_vcp_heads: int = 8
+    prompt_dropout: float = 0.1  # on the projected text prompts, active only in training
 
     def __post_init__(self):
         object.__setattr__(self, "features_list", tuple(int(i) for i in self.features_list))
@@ -75,7 +76,7 @@ class VCPCLIP(nn.Module):
         self.cfg = cfg
         self.clip = clip.requires_grad_(False)
         self.prompts = TextPrompts(cfg.deep_prompt_len, cfg.total_d_layer_len, bb.text_width,
-                                   bb.embed_dim)
+                                   bb.embed_dim, cfg.prompt_dropout)
         self.pre_vcp = PreVCP(cfg.prompt_len, bb.text_width, bb.embed_dim, cfg.use_global)
         self.post_vcp = PostVCP(bb.text_width, bb.vision_width, cfg.post_vcp_heads)
         self.linear_layers = LinearLayers(len(cfg.features_list), bb.vision_width, bb.embed_dim)

@@ -1,0 +1,185 @@
+"""utils/augment.py: determinism, image/mask alignment, photometric-only steps, reference semantics."""
+
+import cv2
+import numpy as np
+import pytest
+
+from utils.augment import (Augment, box_blur, brightness_contrast, build_augment, color_jitter,
+                           gauss_noise, gaussian_blur, rot90, rotate)
+
+GEOMETRIC_ONLY = dict(p_brightness_contrast=0.0, p_noise=0.0, p_one_of=0.0)
+PHOTOMETRIC_ONLY = dict(p_rotate=0.0, p_rot90=0.0)
+
+
+def _textured(h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(img, (5, 5), 0)  # some structure, still colourful
+
+
+def _square_pair(h=64, w=64, box=(20, 36, 14, 30)):
+    """A black RGB image and a 0 mask, with the same white square in both."""
+    y0, y1, x0, x1 = box
+    img = np.zeros((h, w, 3), np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    img[y0:y1, x0:x1] = 255
+    mask[y0:y1, x0:x1] = 255
+    return img, mask
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+# ------------------------------------------------------------------------------ the full pipeline
+
+def test_deterministic_under_seed():
+    img, mask = _square_pair()
+    img = np.maximum(img, _textured(64, 64))
+    aug = build_augment()
+    for seed in range(8):
+        a = aug(img, mask, np.random.default_rng(seed))
+        b = aug(img, mask, seed)  # an int seed is accepted too
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    outs = [aug(img, mask, s)[0] for s in range(8)]
+    assert len({o.tobytes() for o in outs}) > 4  # different seeds give different samples
+
+
+def test_inputs_not_modified_and_dtypes_shapes_kept():
+    img, mask = _textured(40, 40), _square_pair(40, 40, (5, 20, 5, 20))[1]
+    img0, mask0 = img.copy(), mask.copy()
+    aug = Augment(p_rotate=1, p_rot90=1, p_brightness_contrast=1, p_noise=1, p_one_of=1)
+    for seed in range(12):
+        out_img, out_mask = aug(img, mask, seed)
+        assert out_img.dtype == np.uint8 and out_mask.dtype == np.uint8
+        assert out_img.shape == (40, 40, 3) and out_mask.shape == (40, 40)
+        assert out_img.flags.c_contiguous and out_mask.flags.c_contiguous
+    assert np.array_equal(img, img0) and np.array_equal(mask, mask0)
+
+
+def test_non_square_quarter_turn_swaps_both():
+    img = _textured(30, 50)
+    mask = np.zeros((30, 50), np.uint8)
+    mask[:10, :5] = 255
+    shapes = set()
+    aug = Augment(p_rotate=0, p_rot90=1, **{k: 0 for k in ("p_brightness_contrast", "p_noise",
+                                                             "p_one_of")})
+    for seed in range(20):
+        o_img, o_mask = aug(img, mask, seed)
+        assert o_img.shape[:2] == o_mask.shape
+        shapes.add(o_mask.shape)
+    assert shapes == {(30, 50), (50, 30)}
+
+
+def test_mask_stays_binary():
+    img, mask = _square_pair()
+    aug = Augment(p_rotate=1, p_rot90=1, p_brightness_contrast=1, p_noise=1, p_one_of=1)
+    for seed in range(30):
+        _, out = aug(img, mask, seed)
+        assert set(np.unique(out).tolist()) <= {0, 255}
+
+
+def test_geometric_ops_move_image_and_mask_together():
+    img, mask = _square_pair()
+    aug = Augment(p_rotate=1, p_rot90=1, **{k: 0 for k in ("p_brightness_contrast", "p_noise",
+                                                             "p_one_of")})
+    for seed in range(20):
+        o_img, o_mask = aug(img, mask, seed)
+        white = o_img[..., 0] > 127
+        # Bilinear (image) and nearest (mask) differ only along the square's edge.
+        assert _iou(white, o_mask > 0) > 0.85
+        ys, xs = np.nonzero(white)
+        ym, xm = np.nonzero(o_mask)
+        assert abs(ys.mean() - ym.mean()) < 1.0 and abs(xs.mean() - xm.mean()) < 1.0
+        assert np.array_equal(o_img[..., 0], o_img[..., 2])  # geometry treats channels alike
+
+
+def test_photometric_ops_leave_mask_untouched():
+    img, mask = _textured(40, 40), _square_pair(40, 40, (5, 20, 5, 20))[1]
+    aug = Augment(p_brightness_contrast=1, p_noise=1, p_one_of=1, **PHOTOMETRIC_ONLY)
+    changed = 0
+    for seed in range(10):
+        o_img, o_mask = aug(img, mask, seed)
+        assert np.array_equal(o_mask, mask)
+        changed += not np.array_equal(o_img, img)
+    assert changed == 10
+
+
+def test_probabilities_roughly_half():
+    # Each step fires with p 0.5: with everything else off, the rotate step alone changes the
+    # image about half of the time.
+    img, mask = _textured(24, 24), np.zeros((24, 24), np.uint8)
+    aug = Augment(p_rotate=0.5, p_rot90=0, **{k: 0 for k in ("p_brightness_contrast", "p_noise",
+                                                              "p_one_of")})
+    fired = sum(not np.array_equal(aug(img, mask, s)[0], img) for s in range(400))
+    assert 150 < fired < 250
+
+
+def test_one_of_always_applies_the_chosen_transform():
+    # albumentations 1.x force-applies the transform OneOf picks (inner p's are only weights).
+    img, mask = _textured(32, 32), np.zeros((32, 32), np.uint8)
+    aug = Augment(p_one_of=1.0, p_brightness_contrast=0, p_noise=0, **PHOTOMETRIC_ONLY)
+    assert all(not np.array_equal(aug(img, mask, s)[0], img) for s in range(30))
+    literal = Augment(p_one_of=1.0, inner_p=0.5, p_brightness_contrast=0, p_noise=0,
+                      **PHOTOMETRIC_ONLY)
+    unchanged = sum(np.array_equal(literal(img, mask, s)[0], img) for s in range(200))
+    assert 60 < unchanged < 140
+
+
+def test_bad_inputs_raise():
+    aug = Augment()
+    with pytest.raises(ValueError, match="RGB"):
+        aug(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0)
+    with pytest.raises(ValueError, match="uint8"):
+        aug(np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8), 0)
+    with pytest.raises(ValueError, match="differs"):
+        aug(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8), 0)
+
+
+# --------------------------------------------------------------------------- the building blocks
+
+def test_rotate_90_is_exact_quarter_turn_and_border_reflects():
+    img, mask = _textured(33, 33), _square_pair(33, 33, (2, 10, 3, 20))[1]
+    r_img, r_mask = rotate(img, mask, 90.0)  # positive angle = counter-clockwise (OpenCV)
+    q_img, q_mask = rot90(img, mask, 1)  # np.rot90: counter-clockwise
+    assert np.array_equal(r_mask, q_mask)
+    assert np.abs(r_img.astype(int) - q_img.astype(int)).max() <= 1  # fixed-point bilinear
+    # Reflect-101 border: a constant image stays constant (no black corners) after any angle.
+    const = np.full((21, 31, 3), 77, np.uint8)
+    r_const, r_zero = rotate(const, np.zeros((21, 31), np.uint8), 30.0)
+    assert (r_const == 77).all() and (r_zero == 0).all()
+
+
+def test_brightness_contrast_formula_truncates():
+    img = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    out = brightness_contrast(img, alpha=1.1, beta=0.1)
+    expected = np.clip(np.arange(256) * np.float32(1.1) + np.float32(25.5), 0, 255).astype(np.uint8)
+    assert np.array_equal(out[..., 0].ravel(), expected)
+    assert out[0, 1, 0] == 26  # 1 * 1.1 + 25.5 = 26.6 -> truncated to 26, not rounded to 27
+    assert np.array_equal(brightness_contrast(img, 1.0, 0.0), img)
+
+
+def test_gauss_noise_scale():
+    img = np.full((64, 64, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, np.sqrt(30.0), size=img.shape).astype(np.float32)
+    out = gauss_noise(img, noise)
+    assert np.array_equal(out, np.clip(128 + noise, 0, 255).astype(np.uint8))
+    # Through the pipeline: one variance in [10, 50] per image, independent per channel.
+    aug = Augment(p_noise=1, p_brightness_contrast=0, p_one_of=0, **PHOTOMETRIC_ONLY)
+    for seed in range(5):
+        diff = aug(img, np.zeros((64, 64), np.uint8), seed)[0].astype(float) - 128
+        assert np.sqrt(10) - 0.5 < diff.std() < np.sqrt(50) + 0.5
+        assert not np.array_equal(diff[..., 0], diff[..., 1])
+
+
+def test_blurs_and_jitter():
+    img = _textured(20, 24)
+    assert np.array_equal(box_blur(img, 3), cv2.blur(img, (3, 3)))
+    for k in (3, 5, 7):
+        assert np.array_equal(gaussian_blur(img, k), cv2.GaussianBlur(img, (k, k), 0))
+    with pytest.raises(ValueError):
+        gaussian_blur(img, 4)
+    assert np.array_equal(color_jitter(img, 1.0, 1.0, 1.0, 0.0), img)
+    out = color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[3, 2, 1, 0])
+    assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
