@@ -1,0 +1,117 @@
+"""What train.py, test.py and predict.py share: the model flags (the reference's names and
+defaults), the device and precision, and the one way a model is built from flags."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import CLIPConfig, VCPConfig, build_vcp_clip, checkpoint_configs, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"
+DEFAULT_MODEL = "ViT-L-14-336"
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class UsageError(ValueError):
+    """Bad flags or inputs found before any model work; the scripts print it without a traceback."""
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape the model. Those left unset take the checkpoint's saved config when it
+    has one, else the reference's defaults (``VCPConfig``)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_path", default=DEFAULT_CLIP, help="OpenAI CLIP weights")
+    g.add_argument("--config_path", default=None,
+                   help="backbone config JSON that the weights must match "
+                        "(default: configs/<model>.json)")
+    g.add_argument("--model", default=None,
+                   help="backbone name, configs/<model>.json (default: the checkpoint's saved "
+                        "backbone, else ViT-L-14-336 as the reference)")
+    g.add_argument("--pretrained", default="openai", choices=["openai"])
+    g.add_argument("--features_list", type=int, nargs="+", default=None,
+                   help="tapped vision layers, 1-based (default 6 12 18 24)")
+    g.add_argument("--image_size", type=int, default=None, help="default 518")
+    g.add_argument("--prompt_len", type=int, default=None, help="Pre-VCP class tokens (default 2)")
+    g.add_argument("--deep_prompt_len", type=int, default=None, help="default 1")
+    g.add_argument("--total_d_layer_len", type=int, default=None, help="default 11")
+    g.add_argument("--use_global", action="store_false", default=None,
+                   help="switch Pre-VCP's global context OFF (it is on by default)")
+    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                   help="ours: MLP activation (default exact gelu, as the released weights)")
+    g.add_argument("--device_id", type=int, default=0, help="CUDA device index")
+    g.add_argument("--device", default=None, help="ours: 'cpu', 'cuda', 'cuda:1', ... "
+                   "(default: cuda:<device_id> when available, else cpu)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="ours: autocast precision (default fp16 on CUDA, fp32 on CPU)")
+
+
+FLAG_FIELDS = ("features_list", "image_size", "prompt_len", "deep_prompt_len",
+               "total_d_layer_len", "use_global", "activation")
+
+
+def vcp_config(args: argparse.Namespace, saved: VCPConfig | None = None) -> VCPConfig:
+    """Explicit flags > the checkpoint's saved config > the reference defaults."""
+    base = (saved or VCPConfig()).to_dict()
+    base.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f, None) is not None})
+    return VCPConfig(**base)
+
+
+def expected_clip_config(args: argparse.Namespace, payload: dict | None) -> CLIPConfig | None:
+    """The backbone the weights must match: --config_path, else --model, else None when the
+    checkpoint carries its own (``build_vcp_clip`` checks that), else the reference's."""
+    if args.config_path:
+        path, flag = Path(args.config_path), "--config_path"
+    elif args.model or payload is None or checkpoint_configs(payload)[1] is None:
+        path, flag = ROOT / "configs" / f"{args.model or DEFAULT_MODEL}.json", "--model"
+    else:
+        return None
+    if not path.is_file():
+        raise UsageError(f"{flag}: backbone config {path} does not exist")
+    return CLIPConfig.from_json(path)
+
+
+def select_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", args.device_id)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str | None):
+    """fp16 autocast on CUDA by default (as the paper), fp32 elsewhere."""
+    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_checkpoint_and_config(args: argparse.Namespace, checkpoint_path) -> tuple[dict | None, VCPConfig]:
+    """Read (and so check) the checkpoint before any model work; resolve the model config."""
+    payload = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    saved = checkpoint_configs(payload)[0] if payload is not None else None
+    return payload, vcp_config(args, saved)
+
+
+def build_model(args: argparse.Namespace, cfg: VCPConfig, payload: dict | None,
+                device: torch.device):
+    """The one model builder of the scripts (fp32 weights, eval mode, on ``device``)."""
+    pretrained = Path(args.pretrained_path)
+    if not pretrained.is_absolute() and not pretrained.exists() and (ROOT / pretrained).exists():
+        pretrained = ROOT / pretrained
+    model = build_vcp_clip(pretrained, cfg, checkpoint=payload,
+                           clip_config=expected_clip_config(args, payload))
+    return model.to(device)
