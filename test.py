@@ -1,0 +1,157 @@
+"""Zero-shot test (SPEC §10-11): per-product pixel and image metrics, the pipe table, heat maps.
+
+    python test.py --dataset mvtec --checkpoint_path ./vcp_weight/train_visa.pth
+
+Products are evaluated one at a time as the loader reaches them (they are contiguous in a meta
+file), so memory holds only the current product's maps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model import CheckpointError, WeightsError
+from utils.cli import (UsageError, add_model_flags, autocast, build_model,
+                       read_checkpoint_and_config, seed_everything, select_device)
+from utils.data import AnomalyDataset, DataError
+from utils.metrics import evaluate_product, format_table, mean_row
+from utils.visualize import save_panel
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Zero-shot anomaly segmentation test of VCP-CLIP")
+    p.add_argument("--data_path", default="./dataset/mvisa/data", help="standardized data root")
+    p.add_argument("--save_path", default="./results/test", help="log.txt, metrics.json, imgs/")
+    p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
+    p.add_argument("--dataset", default="mvtec", help="NAME of <data_path>/meta_NAME.json")
+    p.add_argument("--seed", type=int, default=111)
+    add_model_flags(p)
+    g = p.add_argument_group("speed (ours)")
+    g.add_argument("--batch_size", type=int, default=8)
+    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--no_vis", action="store_true", help="skip the heat-map panels")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Product:
+    """The maps of one product, gathered image by image."""
+
+    name: str
+    raw: list = field(default_factory=list)  # [S,S] float32 each
+    new: list = field(default_factory=list)
+    masks: list = field(default_factory=list)  # [S,S] bool
+    labels: list = field(default_factory=list)
+    paths: list = field(default_factory=list)
+
+
+class Evaluator:
+    """Finishes each product when the next one starts: metrics now, panels in worker threads."""
+
+    def __init__(self, data_root: Path, save_path: Path, visualize: bool):
+        self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
+        self.rows: dict[str, dict] = {}
+        self.current: Product | None = None
+        self.writer = ThreadPoolExecutor(max_workers=4) if visualize else None
+        self.pending = []
+
+    def add(self, product, raw, new, mask, label, path) -> None:
+        if self.current is None or self.current.name != product:
+            self.finish()
+            if product in self.rows:
+                raise DataError(f"product {product!r} is not contiguous in the meta file")
+            self.current = Product(product)
+        c = self.current
+        c.raw.append(raw), c.new.append(new), c.masks.append(mask)
+        c.labels.append(label), c.paths.append(path)
+
+    def finish(self) -> None:
+        c, self.current = self.current, None
+        if c is None:
+            return
+        masks = np.stack(c.masks)
+        row, pixel_maps = evaluate_product(np.stack(c.raw), np.stack(c.new), masks,
+                                           np.asarray(c.labels), c.name)
+        self.rows[c.name] = row
+        if self.writer:
+            for path, amap, mask, label in zip(c.paths, pixel_maps, masks, c.labels):
+                self.pending.append(self.writer.submit(
+                    self._panel, c.name, path, label, amap, mask, row["threshold"]))
+
+    def _panel(self, product: str, rel_path: str, label: int, amap: np.ndarray,
+               mask: np.ndarray, threshold: float) -> None:
+        image = Image.open(self.data_root / rel_path).convert("RGB").resize(amap.shape[::-1])
+        state = "anomaly" if label else "good"
+        out = self.save_path / "imgs" / product / state / f"vis_zong_{Path(rel_path).stem}.png"
+        save_panel(out, np.asarray(image), amap, mask, threshold)
+
+    def close(self) -> None:
+        self.finish()
+        if self.writer:
+            for job in self.pending:
+                job.result()
+            self.writer.shutdown()
+
+
+def write_results(rows: dict, save_path: Path, header: str) -> str:
+    table = format_table(rows)
+    save_path.mkdir(parents=True, exist_ok=True)
+    with open(save_path / "log.txt", "a") as log:
+        log.write(f"{header}\n{table}\n")
+    keys = list(next(iter(rows.values()), {}))
+    payload = {"products": rows, "mean": mean_row(rows, keys)}
+    tmp = save_path / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(save_path / "metrics.json")
+    return table
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    seed_everything(args.seed)
+    # everything that can be wrong with the inputs fails here, before any model work
+    payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
+    dataset = AnomalyDataset(args.data_path, args.dataset, "test", image_size=cfg.image_size)
+    device = select_device(args)
+    model = build_model(args, cfg, payload, device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    save_path = Path(args.save_path)
+    evaluator = Evaluator(Path(args.data_path), save_path, not args.no_vis)
+    start = time.time()
+    with torch.inference_mode(), autocast(device, args.precision):
+        for batch in tqdm(loader, desc=f"test {args.dataset}", unit="batch"):
+            raw, new = model(batch["image"].to(device, non_blocking=True)).abnormal()
+            raw, new = raw.float().cpu().numpy(), new.float().cpu().numpy()
+            masks = batch["mask"][:, 0].numpy() > 0.5
+            for i, product in enumerate(batch["product"]):
+                evaluator.add(product, raw[i], new[i], masks[i], int(batch["anomaly"][i]),
+                              batch["path"][i])
+    evaluator.close()
+    header = (f"dataset {args.dataset}, checkpoint {args.checkpoint_path}, "
+              f"{len(dataset)} images, {time.time() - start:.1f} s")
+    print(write_results(evaluator.rows, save_path, header))
+    return evaluator.rows
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except (UsageError, DataError, CheckpointError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""test.py end to end on a generated standardized dataset (SPEC §10-11)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import test as test_script
+from bench.naive_metrics import naive_evaluate_product
+from model import build_vcp_clip, checkpoint_configs, read_checkpoint
+from utils.data import AnomalyDataset
+
+
+def run_test(tmp_path, data, archive, checkpoint, *extra):
+    argv = ["--data_path", str(data), "--dataset", "toy", "--checkpoint_path", str(checkpoint),
+            "--pretrained_path", str(archive), "--model", "tiny", "--save_path",
+            str(tmp_path / "out"), "--device", "cpu", "--num_workers", "0", "--batch_size", "4",
+            *extra]
+    return test_script.main(argv), tmp_path / "out"
+
+
+def test_table_log_json_and_panels(tmp_path, tiny_data, tiny_archive, tiny_checkpoint, capsys):
+    code, out = run_test(tmp_path, tiny_data, tiny_archive, tiny_checkpoint)
+    assert code == 0
+    printed = capsys.readouterr().out
+    for word in ("objects", "auroc_px", "aupro_px", "f1_sp", "threshold", "cube", "disc", "mean"):
+        assert word in printed
+    assert printed.strip().splitlines()[-1] in (out / "log.txt").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["products"]) == {"cube", "disc"}
+    assert {"aupro_px", "aupro_px_official", "auroc_sp"} <= set(metrics["mean"])
+    panels = sorted(p.relative_to(out / "imgs").as_posix() for p in (out / "imgs").rglob("*.png"))
+    assert len(panels) == 12
+    assert "cube/anomaly/vis_zong_toy_anomaly_000000.png" in panels
+    assert "disc/good/vis_zong_toy_good_000011.png" in panels
+
+
+def test_numbers_equal_a_per_image_run_with_naive_metrics(tmp_path, tiny_data, tiny_archive,
+                                                          tiny_checkpoint):
+    """Oracle: the model on one image at a time + scikit-learn / per-threshold AUPRO."""
+    code, out = run_test(tmp_path, tiny_data, tiny_archive, tiny_checkpoint, "--no_vis")
+    assert code == 0 and not (out / "imgs").exists()
+    got = json.loads((out / "metrics.json").read_text())["products"]
+    cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
+    model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
+    data = AnomalyDataset(tiny_data, "toy", "test", image_size=cfg.image_size)
+    for product, indices in data.product_ranges.items():
+        raw, new, masks, labels = [], [], [], []
+        for i in indices:
+            item = data[i]
+            with torch.no_grad():
+                r, n = model(item["image"][None]).abnormal()
+            raw.append(r[0].numpy()), new.append(n[0].numpy())
+            masks.append(item["mask"][0].numpy() > 0.5), labels.append(item["anomaly"])
+        expected = naive_evaluate_product(np.stack(raw), np.stack(new), np.stack(masks),
+                                          np.array(labels))
+        for key, value in expected.items():
+            assert math.isclose(got[product][key], value, abs_tol=1e-5), (product, key)
+
+
+def test_product_without_anomalies_gives_nan_with_warning(tmp_path, tiny_archive,
+                                                          tiny_checkpoint, capsys):
+    from conftest import make_dataset
+    data = make_dataset(tmp_path / "root", "toy", {"plain": (3, 0), "stained": (2, 2)})
+    with pytest.warns(UserWarning, match="plain"):
+        code, out = run_test(tmp_path, data, tiny_archive, tiny_checkpoint, "--no_vis")
+    assert code == 0
+    row = json.loads((out / "metrics.json").read_text())["products"]["plain"]
+    assert math.isnan(row["auroc_px"]) and math.isnan(row["auroc_sp"])
+    assert "nan" in capsys.readouterr().out
+
+
+def test_missing_inputs_fail_before_model_work(tmp_path, tiny_data, tiny_archive,
+                                               tiny_checkpoint, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be built")
+    monkeypatch.setattr(test_script, "build_model", no_model)
+    code, _ = run_test(tmp_path, tiny_data, tiny_archive, tmp_path / "none.pth")
+    assert code == 2 and "none.pth" in capsys.readouterr().err
+    code, _ = run_test(tmp_path, tmp_path, tiny_archive, tiny_checkpoint)
+    assert code == 2 and "meta_toy.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(tiny_data, broken)
+    victim = next((broken / "toy" / "disc" / "test" / "good").iterdir())
+    victim.unlink()
+    code, _ = run_test(tmp_path, broken, tiny_archive, tiny_checkpoint)
+    assert code == 2 and victim.name in capsys.readouterr().err
+
+
+def test_missing_clip_weights_are_named(tmp_path, tiny_data, tiny_checkpoint, capsys):
+    code, _ = run_test(tmp_path, tiny_data, tmp_path / "ViT-L-14-336px.pt", tiny_checkpoint)
+    err = capsys.readouterr().err
+    assert code == 2 and "ViT-L-14-336px.pt" in err and "Traceback" not in err
