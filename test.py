@@ -62,6 +62,9 @@ class Evaluator:
     def __init__(self, data_root: Path, save_path: Path, visualize: bool):
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
         self.rows: dict[str, dict] = {}
+        # seconds per stage; "panels" sums the writer threads' CPU time, "panels_wait" is the
+        # wall time the main thread waited for them
+        self.seconds = {"forward": 0.0, "metrics": 0.0, "panels": 0.0, "panels_wait": 0.0}
         self.current: Product | None = None
         self.writer = ThreadPoolExecutor(max_workers=4) if visualize else None
         self.pending = []
@@ -80,27 +83,38 @@ class Evaluator:
         c, self.current = self.current, None
         if c is None:
             return
+        start = time.perf_counter()
         masks = np.stack(c.masks)
         row, pixel_maps = evaluate_product(np.stack(c.raw), np.stack(c.new), masks,
                                            np.asarray(c.labels), c.name)
         self.rows[c.name] = row
+        self.seconds["metrics"] += time.perf_counter() - start
         if self.writer:
+            self._wait_for_panels()  # the previous product's: memory stays at two products
             for path, amap, mask, label in zip(c.paths, pixel_maps, masks, c.labels):
                 self.pending.append(self.writer.submit(
                     self._panel, c.name, path, label, amap, mask, row["threshold"]))
 
     def _panel(self, product: str, rel_path: str, label: int, amap: np.ndarray,
-               mask: np.ndarray, threshold: float) -> None:
+               mask: np.ndarray, threshold: float) -> float:
+        """Write one panel; returns the CPU seconds this thread spent on it."""
+        start = time.thread_time()
         image = Image.open(self.data_root / rel_path).convert("RGB").resize(amap.shape[::-1])
         state = "anomaly" if label else "good"
         out = self.save_path / "imgs" / product / state / f"vis_zong_{Path(rel_path).stem}.png"
         save_panel(out, np.asarray(image), amap, mask, threshold)
+        return time.thread_time() - start
+
+    def _wait_for_panels(self) -> None:
+        start = time.perf_counter()
+        self.seconds["panels"] += sum(job.result() for job in self.pending)
+        self.pending = []
+        self.seconds["panels_wait"] += time.perf_counter() - start
 
     def close(self) -> None:
         self.finish()
         if self.writer:
-            for job in self.pending:
-                job.result()
+            self._wait_for_panels()
             self.writer.shutdown()
 
 
@@ -117,7 +131,7 @@ def write_results(rows: dict, save_path: Path, header: str) -> str:
     return table
 
 
-def run(args: argparse.Namespace) -> dict[str, dict]:
+def run(args: argparse.Namespace) -> Evaluator:
     seed_everything(args.seed)
     # everything that can be wrong with the inputs fails here, before any model work
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
@@ -131,17 +145,20 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     start = time.time()
     with torch.inference_mode(), autocast(device, args.precision):
         for batch in tqdm(loader, desc=f"test {args.dataset}", unit="batch"):
+            tick = time.perf_counter()
             raw, new = model(batch["image"].to(device, non_blocking=True)).abnormal()
             raw, new = raw.float().cpu().numpy(), new.float().cpu().numpy()
+            evaluator.seconds["forward"] += time.perf_counter() - tick
             masks = batch["mask"][:, 0].numpy() > 0.5
             for i, product in enumerate(batch["product"]):
                 evaluator.add(product, raw[i], new[i], masks[i], int(batch["anomaly"][i]),
                               batch["path"][i])
     evaluator.close()
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in evaluator.seconds.items())
     header = (f"dataset {args.dataset}, checkpoint {args.checkpoint_path}, "
-              f"{len(dataset)} images, {time.time() - start:.1f} s")
+              f"{len(dataset)} images, {time.time() - start:.1f} s ({stages})")
     print(write_results(evaluator.rows, save_path, header))
-    return evaluator.rows
+    return evaluator
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,82 @@
+"""predict.py on the user's own images: formats, a corrupt file, thresholds, scores."""
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+import predict
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(d / "a.png")
+    Image.fromarray(rgb[:30]).save(d / "b.jpg", quality=90)
+    Image.fromarray(rgb[..., 0]).save(d / "c_grey.bmp")
+    Image.fromarray(np.dstack([rgb, np.full((40, 60), 128, np.uint8)])).save(d / "d_rgba.png")
+    Image.fromarray((rng.integers(0, 65535, (50, 45))).astype(np.uint16)).save(d / "e_16bit.png")
+    (d / "f_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (d / "notes.txt").write_text("not an image, not even tried")
+    return d
+
+
+def run(tmp_path, archive, checkpoint, *inputs_and_flags):
+    return predict.main([*map(str, inputs_and_flags), "--checkpoint_path", str(checkpoint),
+                         "--pretrained_path", str(archive), "--save_path", str(tmp_path / "out"),
+                         "--device", "cpu", "--num_workers", "0", "--batch_size", "2"])
+
+
+def test_formats_corrupt_file_and_threshold(tmp_path, folder, tiny_archive, tiny_checkpoint,
+                                            capsys):
+    code = run(tmp_path, tiny_archive, tiny_checkpoint, folder, "--threshold", "0.5",
+               "--save_maps")
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("warning: skipped") == 1 and "f_corrupt.png" in captured.err
+    out = tmp_path / "out"
+    stems = ["a", "b", "c_grey", "d_rgba", "e_16bit"]
+    assert sorted(p.stem for p in (out / "overlays").iterdir()) == stems
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"].rsplit("/", 1)[1].split(".")[0] for r in rows] == stems
+    for stem in stems:
+        source = next(folder.glob(f"{stem}.*"))
+        size = Image.open(source).size
+        mask = Image.open(out / "masks" / f"{stem}.png")
+        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert Image.open(out / "overlays" / f"{stem}.png").size == size
+        amap = np.load(out / "maps" / f"{stem}.npy")
+        assert amap.shape == (56, 56) and amap.dtype == np.float32
+        row = next(r for r in rows if r["path"].endswith(source.name))
+        assert float(row["max_pixel_score"]) == pytest.approx(float(amap.max()), abs=1e-6)
+
+
+def test_map_is_the_unnormalized_smoothed_blend(tmp_path, folder, tiny_archive, tiny_checkpoint):
+    from model import build_vcp_clip, checkpoint_configs, read_checkpoint
+    from utils.data import image_transform
+    import torch
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png", "--save_maps") == 0
+    cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
+    model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
+    with torch.no_grad():
+        raw, new = model(image_transform(56)(Image.open(folder / "a.png"))[None]).abnormal()
+    expected = gaussian_filter(0.2 * raw[0].numpy() + 0.8 * new[0].numpy(), sigma=8)
+    got = np.load(tmp_path / "out" / "maps" / "a.npy")
+    assert np.abs(got - expected).max() < 1e-6
+    with open(tmp_path / "out" / "scores.csv") as f:
+        score = float(next(csv.DictReader(f))["image_score"])
+    top = lambda m: np.sort(m.ravel())[-2000:].mean()
+    assert score == pytest.approx(top(raw[0].numpy()) + top(new[0].numpy()), abs=1e-5)
+
+
+def test_globs_and_nothing_readable(tmp_path, folder, tiny_archive, tiny_checkpoint, capsys):
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, str(folder / "*.jpg")) == 0
+    assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["b.png"]
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "f_corrupt.png") == 1
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, tmp_path / "nothing*.png") == 2
+    assert "nothing*.png" in capsys.readouterr().err
