@@ -1,5 +1,6 @@
 """test.py end to end on a generated standardized dataset (SPEC §10-11)."""
 import json
+import re
 import math
 
 import numpy as np
@@ -93,3 +94,35 @@ def test_missing_clip_weights_are_named(tmp_path, tiny_data, tiny_checkpoint, ca
     code, _ = run_test(tmp_path, tiny_data, tmp_path / "ViT-L-14-336px.pt", tiny_checkpoint)
     err = capsys.readouterr().err
     assert code == 2 and "ViT-L-14-336px.pt" in err and "Traceback" not in err
+
+
+def test_btad_style_conversion_is_read_by_test_py(tmp_path, tiny_archive, tiny_checkpoint, capsys):
+    """BTAD's own layout (ok/ko folders, masks named like the images) -> test.py --dataset btad."""
+    from PIL import Image
+    from dataset.make_dataset_new import convert
+    from dataset.make_meta import write_meta
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "BTech_Dataset_transformed"
+    for product in ("01", "02"):
+        for sub in ("train/ok", "test/ok", "test/ko", "ground_truth/ko"):
+            (src / product / sub).mkdir(parents=True)
+        for i in range(2):
+            for sub in ("train/ok", "test/ok"):
+                Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+                    src / product / sub / f"{i:04d}.bmp")
+            img = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+            mask = np.zeros((48, 48), np.uint8)
+            mask[10:20, 10:30] = 255
+            Image.fromarray(img).save(src / product / "test" / "ko" / f"{i:04d}.bmp")
+            Image.fromarray(mask).save(src / product / "ground_truth" / "ko" / f"{i:04d}.png")
+    data = tmp_path / "data"
+    convert("btad", src, data, progress=False)
+    write_meta(data, "btad")
+    code = test_script.main(["--data_path", str(data), "--dataset", "btad", "--checkpoint_path",
+                             str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+                             "--save_path", str(tmp_path / "out"), "--device", "cpu",
+                             "--num_workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and re.search(r"\| 01 +\|", out) and re.search(r"\| 02 +\|", out)
+    assert len(list((tmp_path / "out" / "imgs").rglob("*.png"))) == 8
