@@ -146,8 +146,6 @@ def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
         raise UsageError(f"--batch_size {args.batch_size} is not divisible by {ddp.world} processes")
     seed_everything(args.seed)
     payload, cfg = read_checkpoint_and_config(args, args.resume_checkpoint_path)
-    if args.prompt_dropout is not None:
-        cfg = type(cfg)(**{**cfg.to_dict(), "prompt_dropout": args.prompt_dropout})
     mosaic = args.aug_rate if args.dataset == "mvtec" and not args.no_augment else 0.0
     data = AnomalyDataset(args.train_data_path, args.dataset, "test", image_size=cfg.image_size,
                           augment=None if args.no_augment else build_augment(),

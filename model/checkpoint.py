@@ -85,14 +85,7 @@ def checkpoint_configs(payload: dict) -> tuple[VCPConfig | None, CLIPConfig | No
     saved = payload.get(CONFIG_KEY)
     if not saved:
         return None, None
-    clip = saved["clip"]
-    return VCPConfig(**saved["vcp"]), CLIPConfig(
-        embed_dim=clip["embed_dim"], image_size=clip["vision_cfg"]["image_size"],
-        vision_layers=clip["vision_cfg"]["layers"], vision_width=clip["vision_cfg"]["width"],
-        patch_size=clip["vision_cfg"]["patch_size"], text_width=clip["text_cfg"]["width"],
-        text_heads=clip["text_cfg"]["heads"], text_layers=clip["text_cfg"]["layers"],
-        context_length=clip["text_cfg"]["context_length"],
-        vocab_size=clip["text_cfg"]["vocab_size"])
+    return VCPConfig(**saved["vcp"]), CLIPConfig.from_json_dict(saved["clip"])
 
 
 def _check(found: dict, expected: dict, where: str) -> list[str]:

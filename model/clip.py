@@ -36,17 +36,19 @@ class CLIPConfig:
         return self.vision_width // 64  # OpenAI's rule for ViTs
 
     @classmethod
+    def from_json_dict(cls, raw: dict) -> "CLIPConfig":
+        """The ``--config_path`` format: ``embed_dim``, ``vision_cfg``, ``text_cfg``."""
+        vision, text = raw["vision_cfg"], raw["text_cfg"]
+        return cls(embed_dim=raw["embed_dim"], image_size=vision["image_size"],
+                   vision_layers=vision["layers"], vision_width=vision["width"],
+                   patch_size=vision["patch_size"], text_width=text["width"],
+                   text_heads=text["heads"], text_layers=text["layers"],
+                   context_length=text["context_length"], vocab_size=text["vocab_size"])
+
+    @classmethod
     def from_json(cls, path: str | Path) -> "CLIPConfig":
-        """Read the ``--config_path`` format: ``embed_dim``, ``vision_cfg``, ``text_cfg``."""
         try:
-            raw = json.loads(Path(path).read_text())
-            vision, text = raw["vision_cfg"], raw["text_cfg"]
-            return cls(
-                embed_dim=raw["embed_dim"], image_size=vision["image_size"],
-                vision_layers=vision["layers"], vision_width=vision["width"],
-                patch_size=vision["patch_size"], text_width=text["width"], text_heads=text["heads"],
-                text_layers=text["layers"], context_length=text["context_length"],
-                vocab_size=text["vocab_size"])
+            return cls.from_json_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise ValueError(f"config file {path} does not exist") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -52,7 +52,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 FLAG_FIELDS = ("features_list", "image_size", "prompt_len", "deep_prompt_len",
-               "total_d_layer_len", "use_global", "activation")
+               "total_d_layer_len", "use_global", "activation", "prompt_dropout")
 
 
 def vcp_config(args: argparse.Namespace, saved: VCPConfig | None = None) -> VCPConfig:
