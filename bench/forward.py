@@ -60,9 +60,14 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
+def evenly_spaced_layers(n_layers: int, k: int = 4) -> tuple[int, ...]:
+    """k tapped layers, 1-based, the last one included: (6, 12, 18, 24) for ViT-L."""
+    return tuple(n_layers * (i + 1) // k for i in range(k))
+
+
 def build(args, device) -> VCPCLIP:
     cfg = CLIPConfig.from_json(args.config)
-    layers = args.features_list or [cfg.vision_layers * (i + 1) // 4 for i in range(4)]
+    layers = args.features_list or evenly_spaced_layers(cfg.vision_layers)
     vcp = VCPConfig(features_list=tuple(layers), image_size=args.image_size,
                     total_d_layer_len=cfg.text_layers - 1)
     clip = load_clip(random_clip_state_dict(cfg), args.image_size)
