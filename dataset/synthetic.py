@@ -351,7 +351,8 @@ def generate(out_path, aux: Sequence[str] = DEFAULT_AUX, target: Sequence[str] =
              seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
     """Write ``<out_path>/src_aux`` and ``<out_path>/src_target``; return the two roots.
 
-    Existing product folders of those roots are replaced (a stale image would change the data)."""
+    Those two folders are deleted first if they exist (a stale image would change the data);
+    nothing else under ``out_path`` is touched."""
     import shutil
 
     overlap = sorted(set(aux) & set(target))
