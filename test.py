@@ -25,6 +25,7 @@ from model import CheckpointError, WeightsError
 from utils.cli import (UsageError, add_model_flags, autocast, build_model,
                        read_checkpoint_and_config, seed_everything, select_device)
 from utils.data import AnomalyDataset, DataError
+from utils.files import atomic_write
 from utils.metrics import evaluate_product, format_table, mean_row
 from utils.visualize import save_panel
 
@@ -125,9 +126,7 @@ def write_results(rows: dict, save_path: Path, header: str) -> str:
         log.write(f"{header}\n{table}\n")
     keys = list(next(iter(rows.values()), {}))
     payload = {"products": rows, "mean": mean_row(rows, keys)}
-    tmp = save_path / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(save_path / "metrics.json")
+    atomic_write(save_path / "metrics.json", json.dumps(payload, indent=2))
     return table
 
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +23,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: make `dataset.` 
 from dataset.common import (DatasetError, Problems, check_dataset_name, list_images,  # noqa: E402
                             list_subdirs)
 from dataset.products import FIXED_PRODUCT_ORDERS  # noqa: E402
+from utils.files import atomic_write  # noqa: E402
 
 DEFAULT_DATA_PATH = "./dataset/mvisa/data"
 PHASES = ("train", "test")
@@ -93,14 +93,7 @@ def write_meta(data_root, name: str) -> Path:
     """Build the meta dict and write it to ``meta_<name>.json`` atomically; return the path."""
     meta = build_meta(data_root, name)
     path = meta_path(data_root, name)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=4) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(meta, indent=4) + "\n")
     return path
 
 

@@ -6,11 +6,12 @@ Images are uint8 RGB ``[H, W, 3]``, maps float ``[H, W]`` in [0, 1], masks ``[H,
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.files import atomic_write
 
 __all__ = ["PANEL_HEIGHT", "PANEL_GAP", "heatmap_overlay", "make_panel", "save_panel", "write_png"]
 
@@ -107,15 +108,7 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"could not encode {path} as PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, buf.tobytes())
     return path
 
 
