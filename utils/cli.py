@@ -45,8 +45,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                    help="ours: MLP activation (default exact gelu, as the released weights)")
     g.add_argument("--device_id", type=int, default=0, help="CUDA device index")
-    g.add_argument("--device", default=None, help="ours: 'cpu', 'cuda', 'cuda:1', ... "
-                   "(default: cuda:<device_id> when available, else cpu)")
+    g.add_argument("--device", default=None, help="ours: e.g. cpu or cuda:1 (default: the "
+                   "accelerator, index --device_id, when there is one, else cpu)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="ours: autocast precision (default fp16 on CUDA, fp32 on CPU)")
 
@@ -79,14 +79,17 @@ def expected_clip_config(args: argparse.Namespace, payload: dict | None) -> CLIP
 def select_device(args: argparse.Namespace) -> torch.device:
     if args.device:
         return torch.device(args.device)
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    if accelerator is not None and accelerator.is_available():
+        return torch.device(accelerator.current_accelerator().type, args.device_id)
     if torch.cuda.is_available():
-        return torch.device("cuda", args.device_id)
+        return torch.device(args.device_id)  # an index alone names a CUDA device
     return torch.device("cpu")
 
 
 def autocast(device: torch.device, precision: str | None):
-    """fp16 autocast on CUDA by default (as the paper), fp32 elsewhere."""
-    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+    """fp16 autocast on an accelerator by default (as the paper), fp32 on the CPU."""
+    precision = precision or ("fp32" if device.type == "cpu" else "fp16")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
