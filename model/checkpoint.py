@@ -84,6 +84,10 @@ def checkpoint_configs(payload: dict) -> tuple[VCPConfig | None, CLIPConfig | No
     saved = payload.get(CONFIG_KEY)
     if not saved:
         return None, None
+    unknown = sorted(set(saved["vcp"]) - set(VCPConfig.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"the checkpoint's {CONFIG_KEY} has fields this version does not "
+                              f"know: {unknown} (written by a newer version?)")
     return VCPConfig(**saved["vcp"]), CLIPConfig.from_json_dict(saved["clip"])
 
 

@@ -110,3 +110,12 @@ def test_write_is_atomic(model, tmp_path, monkeypatch):
         save_checkpoint(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]
+
+
+def test_unknown_config_field_is_named(model, tmp_path):
+    path = tmp_path / "ck.pth"
+    save_checkpoint(model, path)
+    payload = read_checkpoint(path)
+    payload["vcp_config"]["vcp"]["future_knob"] = 1
+    with pytest.raises(CheckpointError, match="future_knob"):
+        checkpoint_configs(payload)
