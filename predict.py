@@ -25,8 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import CheckpointError, WeightsError
-from utils.cli import (UsageError, add_model_flags, autocast, build_model,
+from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, autocast, build_model, fail,
                        read_checkpoint_and_config, select_device)
 from utils.data import image_transform
 from utils.metrics import image_scores, smoothed_blend
@@ -162,9 +161,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 def main(argv=None) -> int:
     try:
         rows, failed = predict(parse_args(argv))
-    except (UsageError, CheckpointError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return fail(e)
     print(f"{len(rows)} images segmented, {len(failed)} skipped")
     for path in failed:
         print(f"  skipped: {path}")

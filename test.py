@@ -21,8 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import CheckpointError, WeightsError
-from utils.cli import (UsageError, add_model_flags, autocast, build_model,
+from utils.cli import (INPUT_ERRORS, fail, add_model_flags, autocast, build_model,
                        read_checkpoint_and_config, seed_everything, select_device)
 from utils.data import AnomalyDataset, DataError
 from utils.files import atomic_write
@@ -163,9 +162,8 @@ def run(args: argparse.Namespace) -> Evaluator:
 def main(argv=None) -> int:
     try:
         run(parse_args(argv))
-    except (UsageError, DataError, CheckpointError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return fail(e)
     return 0
 
 

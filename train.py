@@ -8,7 +8,6 @@ Only the prompt parameters, Pre-VCP, Post-VCP and the linear layers train; CLIP 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -22,11 +21,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dataset.products import VAL_DATASET_FOR_TRAINING_ON, VAL_PRODUCTS
-from model import CheckpointError, VCPCLIP, WeightsError, save_checkpoint
+from model import VCPCLIP, save_checkpoint
 from utils.augment import build_augment
-from utils.cli import (UsageError, add_model_flags, autocast, build_model,
+from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, autocast, build_model, fail,
                        read_checkpoint_and_config, seed_everything, select_device)
-from utils.data import AnomalyDataset, DataError, meta_path
+from utils.data import AnomalyDataset, meta_path
 from utils.losses import segmentation_loss
 from utils.metrics import average_precision, binary_curve
 
@@ -198,7 +197,6 @@ def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
                 last = save_path / f"epoch_{epoch}_group_id_{group}.pth"
                 save_checkpoint(model, last, optimizer=optimizer.state_dict(), epoch=epoch,
                                 train_args=vars(args))
-            if ddp.main:
                 validate(model, args, cfg, device, log)
     return last
 
@@ -208,9 +206,8 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         last = train(args)
-    except (UsageError, DataError, CheckpointError, WeightsError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, TrainingError) as e:
+        return fail(e)
     if last is not None:
         print(f"done in {time.time() - start:.0f} s; last checkpoint {last}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,7 +97,7 @@ def reference_way(work: Path, data: Path, maps: dict) -> tuple[float, float, int
         pixel_maps = normalized[product]
         for i, idx in enumerate(dataset.product_ranges[product]):
             rel = dataset.entries[idx]["img_path"]
-            image = np.asarray(test_script.Image.open(data / rel).convert("RGB")
+            image = np.asarray(Image.open(data / rel).convert("RGB")
                                .resize(pixel_maps[i].shape[::-1]))
             save_panel(work / "reference" / product / f"{Path(rel).stem}.png", image,
                        pixel_maps[i], masks[i], 0.5)

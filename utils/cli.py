@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CLIPConfig, VCPConfig, build_vcp_clip, checkpoint_configs, read_checkpoint
+import sys
+
+from model import (CheckpointError, CLIPConfig, VCPConfig, WeightsError, build_vcp_clip,
+                   checkpoint_configs, read_checkpoint)
+from utils.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"
@@ -20,6 +24,16 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 class UsageError(ValueError):
     """Bad flags or inputs found before any model work; the scripts print it without a traceback."""
+
+
+# What a user's flags, files or data can get wrong: reported as one line, never a traceback.
+INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError)
+
+
+def fail(error: Exception) -> int:
+    """Print an input error for the user; the scripts' exit status for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
