@@ -99,13 +99,15 @@ def make_panel(
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write a uint8 RGB image as PNG atomically (temporary file in the same folder, then rename).
+    """Write a uint8 RGB ``[H,W,3]`` or grey ``[H,W]`` image as PNG atomically (temporary file in
+    the same folder, then rename).
 
     Parent folders are created. Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    rgb = np.ascontiguousarray(rgb)
+    ok, buf = cv2.imencode(".png", rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"could not encode {path} as PNG")
     atomic_write(path, buf.tobytes())

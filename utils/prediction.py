@@ -1,0 +1,195 @@
+"""The prediction path, images -> maps -> overlays, masks and scores: the one home that
+``predict.py`` and every other front end use (DESIGN.md).
+
+The map is the smoothed blend of SPEC §10, ``gaussian_filter(0.2*raw + 0.8*new, sigma=8)``,
+**without** test.py's per-product min-max normalization: a value means the same on every image,
+so a fixed threshold is a usable deployment setting. The image score is the mean of the 2000
+largest pixels of each branch, added (0 to 2).
+
+How the maps are computed is a parameter (``MapsFn``): ``torch_maps`` runs the PyTorch model; any
+other runtime that turns a batch of preprocessed images into the two abnormal maps fits in.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from utils.cli import UsageError, autocast
+from utils.data import image_transform
+from utils.files import atomic_write
+from utils.metrics import image_scores, smoothed_blend
+from utils.visualize import heatmap_overlay, write_png
+
+__all__ = ["IMAGE_SUFFIXES", "SCORE_FIELDS", "MapsFn", "Prediction", "Skipped", "expand_inputs",
+           "read_rgb", "unique_names", "torch_maps", "predict_paths", "full_size", "overlay",
+           "binary_mask", "OutputWriter"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
+
+# images [B,3,S,S] (CLIP-normalized) -> abnormal maps (raw, new), float32 numpy [B,S,S] each
+MapsFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Prediction:
+    """One image's result: ``amap`` [S,S] float32 at the model's resolution."""
+
+    index: int  # position in the input list
+    path: Path
+    amap: np.ndarray
+    image_score: float
+
+    @property
+    def max_pixel_score(self) -> float:
+        return float(self.amap.max())
+
+    def row(self) -> dict:
+        return {"path": str(self.path), "image_score": self.image_score,
+                "max_pixel_score": self.max_pixel_score}
+
+
+@dataclass
+class Skipped:
+    """An input that could not be read (corrupt, unsupported): reported, never fatal."""
+
+    index: int
+    path: Path
+    reason: str
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given, folders' image files (sorted), glob matches (sorted); each path once."""
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise UsageError(f"input {item!r} is not a file, a folder or a matching glob")
+            found += [m for m in matches if m.is_file()]
+    return list(dict.fromkeys(found))
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Any common format as 8-bit RGB: grey and 16-bit images are scaled, alpha is dropped."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """Output names: the file stem, with _1, _2, ... where stems repeat."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        names.append(p.stem if n == 0 else f"{p.stem}_{n}")
+    return names
+
+
+class _Images(Dataset):
+    """Yields (index, image tensor) or (index, reason) for a file that cannot be read."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.transform = paths, image_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(read_rgb(self.paths[i]))
+        except Exception as e:  # a corrupt or unsupported file is skipped, not fatal
+            return i, f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    good = [(i, x) for i, x in items if torch.is_tensor(x)]
+    bad = [(i, x) for i, x in items if not torch.is_tensor(x)]
+    images = torch.stack([x for _, x in good]) if good else None  # [B, 3, S, S]
+    return [i for i, _ in good], images, bad
+
+
+def torch_maps(model: torch.nn.Module, device: torch.device, precision: str | None) -> MapsFn:
+    """The PyTorch model as a ``MapsFn`` (inference mode, the device's autocast)."""
+    def maps(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode(), autocast(device, precision):
+            raw, new = model(images.to(device)).abnormal()  # [B, S, S] each
+        return raw.float().cpu().numpy(), new.float().cpu().numpy()
+    return maps
+
+
+def predict_paths(paths: list[Path], maps_fn: MapsFn, image_size: int, batch_size: int = 8,
+                  num_workers: int = 0) -> Iterator[Prediction | Skipped]:
+    """Each input in order as a ``Prediction``, or a ``Skipped`` where it cannot be read."""
+    loader = DataLoader(_Images(paths, image_size), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    for indices, images, bad in loader:
+        for i, reason in bad:
+            yield Skipped(i, paths[i], reason)
+        if images is None:
+            continue
+        raw, new = maps_fn(images)  # [B, S, S] each
+        for i, amap, score in zip(indices, smoothed_blend(raw, new), image_scores(raw, new)):
+            yield Prediction(i, paths[i], amap, float(score))
+
+
+def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map [S,S] resized bilinearly to an image's (width, height) -> [H, W] float32."""
+    return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR))
+
+
+def overlay(image: np.ndarray, full_map: np.ndarray) -> np.ndarray:
+    """The jet heat map of a map at the image's size over the image (uint8 RGB [H,W,3])."""
+    return heatmap_overlay(image, np.clip(full_map, 0, 1))
+
+
+def binary_mask(full_map: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels of the map above ``threshold`` -> uint8 [H, W] with values 0/255."""
+    return ((full_map > threshold) * 255).astype(np.uint8)
+
+
+class OutputWriter:
+    """Writes ``overlays/<name>.png`` (at the input's size), with a threshold ``masks/<name>.png``
+    (0/255, the input's size), with ``save_maps`` ``maps/<name>.npy`` (the model's resolution),
+    and ``scores.csv``; every file atomically."""
+
+    def __init__(self, out: Path, threshold: float | None = None, save_maps: bool = False):
+        self.out, self.threshold, self.save_maps = Path(out), threshold, save_maps
+
+    def write(self, name: str, prediction: Prediction) -> None:
+        image = np.asarray(read_rgb(prediction.path))  # [H, W, 3]
+        full = full_size(prediction.amap, image.shape[1::-1])
+        write_png(self.out / "overlays" / f"{name}.png", overlay(image, full))
+        if self.threshold is not None:
+            write_png(self.out / "masks" / f"{name}.png", binary_mask(full, self.threshold))
+        if self.save_maps:
+            buf = io.BytesIO()
+            np.save(buf, prediction.amap)
+            atomic_write(self.out / "maps" / f"{name}.npy", buf.getvalue())
+
+    def write_scores(self, rows: list[dict]) -> Path:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(SCORE_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(self.out / "scores.csv", text.getvalue())
