@@ -7,6 +7,13 @@ Writes ``overlays/<name>.png`` (heat map over the image), ``scores.csv`` (path, 
 pixel score), with ``--threshold`` ``masks/<name>.png`` (0/255, the input's size), with
 ``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution). The prediction path
 itself lives in ``utils/prediction.py``; this script only wires flags to it.
+
+    python predict.py --calibrate normal/ --false_alarm_rate 0.01 [--defective bad/] \
+        [--held_out more_normal/] --checkpoint_path ...
+
+prints T, the threshold at which at most that share of the normal images has a pixel above T
+(``utils/calibration.py`` states the quantile exactly), with the recall on the defective images
+and the false-alarm rate on other normal images.
 """
 from __future__ import annotations
 
@@ -15,15 +22,16 @@ import sys
 
 from tqdm import tqdm
 
+from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, fail,
                        read_checkpoint_and_config, select_device)
-from utils.prediction import (OutputWriter, Prediction, expand_inputs, predict_paths,
+from utils.prediction import (MapsFn, OutputWriter, Prediction, expand_inputs, predict_paths,
                               torch_maps, unique_names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Segment anomalies in your own images (no labels)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
     p.add_argument("--save_path", default="./results/predict")
     p.add_argument("--threshold", type=float, default=None,
@@ -31,21 +39,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
+    c = p.add_argument_group("threshold calibration (instead of INPUTs; utils/calibration.py)")
+    c.add_argument("--calibrate", metavar="NORMAL", default=None,
+                   help="normal images (file, folder or glob): print T, the inverted-CDF "
+                        "(1 - a) quantile of their max pixel scores")
+    c.add_argument("--false_alarm_rate", type=float, default=0.01, metavar="a",
+                   help="share of normal images allowed above T, in [0, 1) (default 0.01)")
+    c.add_argument("--defective", metavar="DEFECTIVE", default=None,
+                   help="defective images: also print the recall at T")
+    c.add_argument("--held_out", metavar="NORMAL", default=None,
+                   help="other normal images: also print their false-alarm rate at T")
     add_model_flags(p)
     return p.parse_args(argv)
 
 
+def model_maps(args: argparse.Namespace) -> tuple[MapsFn, int]:
+    """The model the flags name as a ``MapsFn``, and its image size (predict.py, app.py)."""
+    payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
+    device = select_device(args)
+    return torch_maps(build_model(args, cfg, payload, device), device, args.precision), \
+        cfg.image_size
+
+
 def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    if not args.inputs:
+        raise UsageError("give INPUT images to segment, or --calibrate NORMAL")
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
-    payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
-    device = select_device(args)
-    maps_fn = torch_maps(build_model(args, cfg, payload, device), device, args.precision)
+    maps_fn, image_size = model_maps(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)
     rows, failed = [], []
-    results = predict_paths(paths, maps_fn, cfg.image_size, args.batch_size, args.num_workers)
+    results = predict_paths(paths, maps_fn, image_size, args.batch_size, args.num_workers)
     for result in tqdm(results, total=len(paths), desc="predict", unit="image"):
         if isinstance(result, Prediction):
             writer.write(names[result.index], result)
@@ -58,9 +84,67 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return rows, failed
 
 
+def max_pixel_scores(paths, maps_fn: MapsFn, image_size: int, args, desc: str) -> list[float]:
+    """Each readable image's max pixel score; unreadable ones are skipped with a warning."""
+    scores = []
+    results = predict_paths(paths, maps_fn, image_size, args.batch_size, args.num_workers)
+    for result in tqdm(results, total=len(paths), desc=desc, unit="image"):
+        if isinstance(result, Prediction):
+            scores.append(result.max_pixel_score)
+        else:
+            print(f"warning: skipped {result.path}: cannot read it ({result.reason})",
+                  file=sys.stderr)
+    return scores
+
+
+def calibrate_threshold(args: argparse.Namespace) -> tuple[Calibration, list[float]]:
+    """T from ``--calibrate`` (and the recall on ``--defective``); the held-out normal images'
+    max pixel scores beside it."""
+    if args.inputs:
+        raise UsageError(f"--calibrate takes no INPUTs (got {args.inputs}); segment them "
+                         "afterwards with --threshold T")
+    if not 0.0 <= args.false_alarm_rate < 1.0:
+        raise UsageError(f"--false_alarm_rate: expected a number in [0, 1), got "
+                         f"{args.false_alarm_rate}")
+    sets = {flag: getattr(args, flag) for flag in ("calibrate", "defective", "held_out")}
+    paths = {flag: expand_inputs([spec]) for flag, spec in sets.items() if spec is not None}
+    for flag, found in paths.items():
+        if not found:
+            raise UsageError(f"--{flag} {sets[flag]}: no images found")
+    maps_fn, image_size = model_maps(args)
+    scores = {flag: max_pixel_scores(found, maps_fn, image_size, args, flag)
+              for flag, found in paths.items()}
+    if not scores["calibrate"]:
+        raise UsageError(f"--calibrate {args.calibrate}: none of the images could be read")
+    return (calibrate(scores["calibrate"], args.false_alarm_rate, scores.get("defective", [])),
+            scores.get("held_out", []))
+
+
+def report_calibration(c: Calibration, held_out: list[float]) -> None:
+    n, a = len(c.normal_scores), c.false_alarm_rate
+    print(f"T = {c.threshold!r}")
+    print(f"  the inverted-CDF (1 - {a:g}) quantile of the max pixel scores of {n} normal images")
+    print(f"  normal images: {round(c.normal_alarm_rate * n)} of {n} above T "
+          f"(false-alarm rate {c.normal_alarm_rate:.4f})")
+    if n * a < 1:
+        print(f"  note: with fewer than {1 / a if a else float('inf'):.0f} normal images T is "
+              "their largest score")
+    if c.defective_scores:
+        m = len(c.defective_scores)
+        print(f"  defective images: {round(c.recall * m)} of {m} above T (recall {c.recall:.4f})")
+    if held_out:
+        rate = alarm_rate(held_out, c.threshold)
+        print(f"  held-out normal images: {round(rate * len(held_out))} of {len(held_out)} "
+              f"above T (false-alarm rate {rate:.4f})")
+
+
 def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        rows, failed = predict(parse_args(argv))
+        if args.calibrate is not None:
+            report_calibration(*calibrate_threshold(args))
+            return 0
+        rows, failed = predict(args)
     except INPUT_ERRORS as e:
         return fail(e)
     print(f"{len(rows)} images segmented, {len(failed)} skipped")

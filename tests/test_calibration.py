@@ -49,3 +49,60 @@ def test_bad_input(scores, rate, message):
     with pytest.raises(ValueError) as e:
         threshold_for(scores, rate)
     assert message in str(e.value)
+
+
+def test_calibrate_command(tmp_path, tiny_archive, tiny_checkpoint, capsys):
+    """predict.py --calibrate prints the quantile of the max pixel scores that predict.py writes."""
+    import csv
+
+    from PIL import Image
+
+    import predict
+    rng = np.random.default_rng(1)
+    sets = {}
+    for name, n in (("normal", 7), ("defective", 3), ("held_out", 4)):
+        sets[name] = tmp_path / name
+        sets[name].mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+                sets[name] / f"{i}.png")
+    (sets["normal"] / "broken.png").write_bytes(b"not a png")
+    model = ["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+             "--device", "cpu", "--num_workers", "0", "--batch_size", "3"]
+
+    def max_scores(folder):  # through the plain prediction command
+        out = tmp_path / f"out_{folder.name}"
+        assert predict.main([str(folder), "--save_path", str(out), *model]) == 0
+        with open(out / "scores.csv") as f:
+            return [float(r["max_pixel_score"]) for r in csv.DictReader(f)]
+
+    normal, defective, held_out = (max_scores(sets[k]) for k in ("normal", "defective", "held_out"))
+    capsys.readouterr()
+    code = predict.main(["--calibrate", str(sets["normal"]), "--defective", str(sets["defective"]),
+                         "--held_out", str(sets["held_out"]), "--false_alarm_rate", "0.3", *model])
+    out, err = capsys.readouterr()
+    assert code == 0 and "broken.png" in err
+    t = float(out.splitlines()[0].removeprefix("T = "))
+    assert t == sorted(normal)[7 - 1 - 2]  # 7 images at 30 %: two may be above T
+    assert f"{sum(s > t for s in normal)} of 7 above T" in out
+    assert f"{sum(s > t for s in defective)} of 3 above T" in out
+    assert f"{sum(s > t for s in held_out)} of 4 above T" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--calibrate", "{normal}", "--false_alarm_rate", "1"], "--false_alarm_rate"),
+    (["--calibrate", "{normal}", "{normal}"], "takes no INPUTs"),
+    (["--calibrate", "{normal}/nothing*.png"], "nothing*.png"),
+    (["--calibrate", "{normal}", "--defective", "{empty}"], "--defective"),
+    ([], "--calibrate NORMAL")])
+def test_calibrate_command_bad_input(tmp_path, tiny_archive, flags, message, capsys):
+    import predict
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "empty").mkdir()
+    from PIL import Image
+    Image.new("RGB", (20, 20)).save(tmp_path / "normal" / "a.png")
+    flags = [f.format(normal=tmp_path / "normal", empty=tmp_path / "empty") for f in flags]
+    assert predict.main([*flags, "--pretrained_path", str(tiny_archive), "--checkpoint_path",
+                         str(tmp_path / "missing.pth"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

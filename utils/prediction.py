@@ -31,7 +31,7 @@ from utils.visualize import heatmap_overlay, write_png
 
 __all__ = ["IMAGE_SUFFIXES", "SCORE_FIELDS", "MapsFn", "Prediction", "Skipped", "expand_inputs",
            "read_rgb", "unique_names", "torch_maps", "predict_paths", "full_size", "overlay",
-           "binary_mask", "OutputWriter"]
+           "binary_mask", "scores_csv", "OutputWriter"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
@@ -168,6 +168,15 @@ def binary_mask(full_map: np.ndarray, threshold: float) -> np.ndarray:
     return ((full_map > threshold) * 255).astype(np.uint8)
 
 
+def scores_csv(rows: list[dict]) -> str:
+    """The text of scores.csv: a header of ``SCORE_FIELDS``, then one line per row."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(SCORE_FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 class OutputWriter:
     """Writes ``overlays/<name>.png`` (at the input's size), with a threshold ``masks/<name>.png``
     (0/255, the input's size), with ``save_maps`` ``maps/<name>.npy`` (the model's resolution),
@@ -188,8 +197,4 @@ class OutputWriter:
             atomic_write(self.out / "maps" / f"{name}.npy", buf.getvalue())
 
     def write_scores(self, rows: list[dict]) -> Path:
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(SCORE_FIELDS))
-        writer.writeheader()
-        writer.writerows(rows)
-        return atomic_write(self.out / "scores.csv", text.getvalue())
+        return atomic_write(self.out / "scores.csv", scores_csv(rows))

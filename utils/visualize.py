@@ -13,7 +13,8 @@ import numpy as np
 
 from utils.files import atomic_write
 
-__all__ = ["PANEL_HEIGHT", "PANEL_GAP", "heatmap_overlay", "make_panel", "save_panel", "write_png"]
+__all__ = ["PANEL_HEIGHT", "PANEL_GAP", "heatmap_overlay", "make_panel", "save_panel", "write_png",
+           "png_bytes"]
 
 PANEL_HEIGHT = 256  # every panel is resized to this height (SPEC §10)
 PANEL_GAP = 10  # white columns between panels
@@ -98,20 +99,23 @@ def make_panel(
     return np.concatenate(strip, axis=1)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 RGB ``[H,W,3]`` or grey ``[H,W]`` image encoded as PNG."""
+    image = np.ascontiguousarray(image)
+    ok, buf = cv2.imencode(".png", image if image.ndim == 2
+                           else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"could not encode an image of shape {image.shape} as PNG")
+    return buf.tobytes()
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write a uint8 RGB ``[H,W,3]`` or grey ``[H,W]`` image as PNG atomically (temporary file in
     the same folder, then rename).
 
     Parent folders are created. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.ascontiguousarray(rgb)
-    ok, buf = cv2.imencode(".png", rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError(f"could not encode {path} as PNG")
-    atomic_write(path, buf.tobytes())
-    return path
+    return atomic_write(path, png_bytes(rgb))
 
 
 def save_panel(
