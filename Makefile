@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo app browser venv clean
 
 venv: $(STAMP)
 
@@ -13,11 +13,26 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh
+
+# The inspection page with the demo's checkpoint (after `make demo`); T starts near the demo's
+# calibrated thresholds (README, 'The inspection page').
+app: $(STAMP)
+	$(PY) app.py --checkpoint_path demo_output/checkpoints/epoch_30_group_id_2.pth \
+	    --pretrained_path demo_output/clip_demo.pt --threshold 0.05
+
+# Headless Chromium and its driver for the page's browser test: Debian's packages, installed when
+# missing and this is root on apt; elsewhere the test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        chromium chromium-driver >/dev/null || echo "could not install chromium"; \
+	else echo "no chromium/chromedriver (and not root on apt): the browser test will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -260,8 +260,9 @@ class Inspector:
                 inputs[group] += [(p, str(p)) for p in found]
         first = GROUPS[kind][0]
         if not inputs[first]:
-            raise UsageError(f"no {first} images given: choose image files or name a folder on "
-                             "the server")
+            what = "images" if first == "images" else f"{first} images"
+            raise UsageError(f"no {what} given: choose image files or name a folder on the "
+                             "server")
         rate = 0.0
         if kind == "calibrate":
             text = str(form.get("false_alarm_rate", "0.01"))

@@ -1,0 +1,415 @@
+"""The inspection page (app.py): its endpoints over HTTP, and the page itself in a headless Chromium
+(upload two images, move the threshold, read the overlay and the mask off the page).
+
+Run as a script it drives the page of a running server and saves screenshots (the README's):
+
+    python tests/test_app.py --url http://127.0.0.1:7860 --images a.png b.png --out figures
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+DRIVERS = ("chromedriver",)
+
+
+# ---- a server on a free port, in this process (so the test can count model runs) -----------
+class Server:
+    def __init__(self, inspector):
+        import uvicorn
+
+        import app
+        self.sock = app.listen("127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app.create_app(inspector),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_archive, tiny_checkpoint):
+    """(server, inspector, calls): the tiny model behind the page; ``calls`` counts model runs."""
+    import app
+    import predict
+    args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
+                               str(tiny_archive), "--device", "cpu"])
+    maps_fn, size = predict.model_maps(args)
+    calls = []
+
+    def counted(images):
+        calls.append(len(images))
+        return maps_fn(images)
+    inspector = app.Inspector(counted, size, batch_size=2, threshold=0.5, description="tiny")
+    server = Server(inspector)
+    yield server, inspector, calls
+    server.stop()
+    assert not inspector.root.exists()  # the uploads are removed when the server stops
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(d / "wide.png")
+    tall = np.full((70, 40, 3), 120, np.uint8)
+    tall[20:40, 10:30] = (250, 30, 30)
+    Image.fromarray(tall).save(d / "tall.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 65535, (30, 30)).astype(np.uint16)).save(d / "deep.tif")
+    (d / "notes.txt").write_text("not an image")
+    (d / "empty.png").write_bytes(b"")
+    return d
+
+
+def request(url, form=None):
+    """(status, body bytes) of a GET, or of a multipart POST of ``form``: [(name, value)], a
+    value being a str or a Path (sent as a file)."""
+    data, headers = None, {}
+    if form is not None:
+        boundary = "----vcp-test-boundary"
+        parts = []
+        for name, value in form:
+            if isinstance(value, Path):
+                head = (f'Content-Disposition: form-data; name="{name}"; '
+                        f'filename="{value.name}"\r\nContent-Type: application/octet-stream')
+                body = value.read_bytes()
+            else:
+                head, body = f'Content-Disposition: form-data; name="{name}"', value.encode()
+            parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + body + b"\r\n")
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def run_job(url, form) -> dict:
+    status, body = request(url + "/api/jobs", form)
+    assert status == 200, body
+    job = json.loads(body)["job"]
+    for _ in range(600):
+        status = json.loads(request(f"{url}/api/jobs/{job}")[1])
+        if status["finished"]:
+            return {"id": job, **status}
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+def expected_map(path, tiny_archive, tiny_checkpoint):
+    """An independent oracle: the model run by hand, the SPEC §10 blend without normalization."""
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    from model import build_vcp_clip, checkpoint_configs, read_checkpoint
+    from utils.data import image_transform
+    from utils.prediction import read_rgb
+    cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
+    model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
+    with torch.no_grad():
+        raw, new = model(image_transform(cfg.image_size)(read_rgb(path))[None]).abnormal()
+    return gaussian_filter(0.2 * raw[0].numpy() + 0.8 * new[0].numpy(), sigma=8)
+
+
+# ---- endpoints over HTTP -------------------------------------------------------------------
+def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_checkpoint):
+    server, inspector, calls = served
+    url = server.url
+    job = run_job(url, [("kind", "inspect"), ("images", images / "wide.png"),
+                        ("images", images / "notes.txt"), ("images", images / "empty.png"),
+                        ("images", images / "deep.tif")])
+    assert job["error"] is None and job["total"] == job["done"] == 4
+    assert [r["name"] for r in job["results"]] == ["wide.png", "deep.tif"]
+    assert sorted(s["name"] for s in job["skipped"]) == ["empty.png", "notes.txt"]
+    wide = job["results"][0]
+    amap = expected_map(images / "wide.png", tiny_archive, tiny_checkpoint)
+    assert wide["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-5)
+
+    # image, overlay and mask at the input's size; the mask is the kept map above T
+    from utils.prediction import binary_mask, full_size
+    base = f"{url}/api/jobs/{job['id']}"
+    shown = lambda path: np.asarray(Image.open(io.BytesIO(request(base + path)[1])))
+    assert shown("/image/3.png").shape == (30, 30, 3)  # the 16-bit TIFF, as 8-bit RGB
+    assert shown("/overlay/0.png").shape == (48, 64, 3)
+    runs = len(calls)
+    t = float(np.median(amap))
+    mask = shown(f"/mask/0.png?threshold={t}")
+    kept = inspector.jobs[job["id"]].item(0).amap
+    assert np.abs(kept - amap).max() < 1e-5
+    assert np.array_equal(mask, binary_mask(full_size(kept, (64, 48)), t))
+    assert 0 < (mask > 0).mean() < 1
+    with zipfile.ZipFile(io.BytesIO(request(f"{base}/masks.zip?threshold={t}")[1])) as z:
+        assert sorted(z.namelist()) == ["masks/deep.png", "masks/wide.png"]
+        assert np.array_equal(np.asarray(Image.open(z.open("masks/wide.png"))), mask)
+    rows = list(csv.DictReader(io.StringIO(request(base + "/scores.csv")[1].decode())))
+    assert [r["path"] for r in rows] == ["wide.png", "deep.tif"]
+    assert float(rows[0]["max_pixel_score"]) == pytest.approx(wide["max_pixel_score"])
+    assert len(calls) == runs  # masks at new thresholds never run the model
+
+    # bad requests: a message, and the server keeps serving
+    for form, message in [
+            ([("kind", "inspect")], "no images given"),
+            ([("kind", "inspect"), ("images_folder", str(images / "nowhere"))], "nowhere"),
+            ([("kind", "calibrate"), ("normal", images / "wide.png"),
+              ("false_alarm_rate", "2")], "false-alarm rate"),
+            ([("kind", "paint")], "kind")]:
+        status, body = request(url + "/api/jobs", form)
+        assert status == 400 and message in json.loads(body)["error"]
+    assert request(f"{base}/mask/0.png?threshold=high")[0] == 400
+    assert request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
+    assert request(f"{url}/api/jobs/999")[0] == 404
+    only_bad = run_job(url, [("kind", "inspect"), ("images", images / "notes.txt")])
+    assert only_bad["results"] == [] and len(only_bad["skipped"]) == 1
+    assert request(url + "/")[0] == 200
+
+
+def test_calibrate_job(served, images):
+    from utils.calibration import threshold_for
+    url = served[0].url
+    inspected = run_job(url, [("kind", "inspect"), ("images_folder", str(images))])
+    scores = {r["name"].rsplit("/", 1)[1]: r["max_pixel_score"] for r in inspected["results"]}
+    assert sorted(scores) == ["deep.tif", "tall.jpg", "wide.png"]  # a folder: images only
+    job = run_job(url, [("kind", "calibrate"), ("false_alarm_rate", "0.5"),
+                        ("normal", images / "wide.png"), ("normal", images / "deep.tif"),
+                        ("normal", images / "notes.txt"), ("defective", images / "tall.jpg")])
+    cal = job["calibration"]
+    normal = [scores["wide.png"], scores["deep.tif"]]
+    assert cal["threshold"] == pytest.approx(threshold_for(normal, 0.5))
+    assert cal["recall"] == float(scores["tall.jpg"] > cal["threshold"])
+    assert [s["name"] for s in job["skipped"]] == ["notes.txt"]
+    failed = run_job(url, [("kind", "calibrate"), ("normal", images / "notes.txt")])
+    assert "none of the normal images" in failed["error"]
+
+
+# ---- the page in a real browser ------------------------------------------------------------
+def find_browser() -> tuple[str, str] | None:
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    driver = next((shutil.which(d) for d in DRIVERS if shutil.which(d)), None)
+    return (browser, driver) if browser and driver else None
+
+
+def start_browser():
+    """Headless Chromium through Selenium and the system's chromedriver (no download)."""
+    found = find_browser()
+    if found is None:
+        pytest.skip("no chromium + chromedriver on this machine (`make browser` installs them "
+                    "with apt-get as root; the page's browser test needs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(found[1]))
+
+
+PIXELS_JS = """
+const img = arguments[0];
+const c = document.createElement('canvas');
+c.width = img.naturalWidth; c.height = img.naturalHeight;
+const g = c.getContext('2d');
+g.drawImage(img, 0, 0);
+return Array.from(g.getImageData(0, 0, c.width, c.height).data);
+"""
+
+
+def pixels(driver, img) -> np.ndarray:
+    """The RGB pixels an <img> on the page shows, [H, W, 3] uint8."""
+    w, h = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                 img)
+    rgba = np.array(driver.execute_script(PIXELS_JS, img), dtype=np.uint8)
+    return rgba.reshape(h, w, 4)[..., :3]
+
+
+def wait(driver, condition, what, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        lambda d: condition(d), message=f"page: {what}")
+
+
+def loaded(driver, img) -> bool:
+    return driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                 img)
+
+
+def slider_step(driver) -> float:
+    from selenium.webdriver.common.by import By
+    return float(driver.find_element(By.ID, "threshold").get_attribute("step"))
+
+
+def mask_threshold(img) -> float:
+    return float(img.get_attribute("src").rsplit("threshold=", 1)[1])
+
+
+def drive(driver, url, image_paths, steps, out=None):
+    """Upload the images, wait for their cards, move the threshold slider with the arrow keys
+    (``steps(driver)`` presses, negative: down). Returns the cards and the threshold the page
+    shows then; with ``out`` saves screenshots there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    driver.get(url)
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
+    driver.find_element(By.ID, "run").click()
+    cards = wait(driver, lambda d: (lambda c: c if len(c) == len(image_paths) and all(
+        loaded(d, i) for card in c for i in card.find_elements(By.TAG_NAME, "img")) else None)(
+        d.find_elements(By.CSS_SELECTOR, "#results .card")), "the cards and their images")
+    if out:
+        driver.save_screenshot(str(Path(out) / "app_inspect.png"))
+    shown_t = lambda d: float(d.find_element(By.ID, "threshold-value").get_attribute("value"))
+    first, n = shown_t(driver), steps(driver)
+    driver.find_element(By.ID, "threshold").send_keys(
+        (Keys.ARROW_RIGHT if n > 0 else Keys.ARROW_LEFT) * abs(n))
+    t = first
+
+    def masks_at_new_t(d):
+        nonlocal t
+        t = shown_t(d)
+        return t != first and all(mask_threshold(m) == t and loaded(d, m) for m in
+                   (card.find_element(By.CSS_SELECTOR, "img.mask") for card in cards))
+    wait(driver, masks_at_new_t, "masks at the new threshold")
+    if out:
+        driver.save_screenshot(str(Path(out) / "app_threshold.png"))
+    return cards, t
+
+
+def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
+    """Calibrate on the page with these files; returns the result's text (with ``out`` saves a
+    screenshot of it)."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.ID, "cal-normal").send_keys("\n".join(map(str, normal)))
+    if defective:
+        driver.find_element(By.ID, "cal-defective").send_keys("\n".join(map(str, defective)))
+    rate_box = driver.find_element(By.ID, "cal-rate")
+    rate_box.clear()
+    rate_box.send_keys(rate)
+    driver.find_element(By.ID, "cal-run").click()
+    text = wait(driver, lambda d: d.find_element(By.ID, "cal-text").text, "the calibration")
+    if out:
+        section = driver.find_element(By.ID, "cal-result").find_element(By.XPATH, "..")
+        driver.execute_script("arguments[0].scrollIntoView()", section)
+        section.screenshot(str(Path(out) / "app_calibrate.png"))
+    return text
+
+
+def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoint):
+    server, inspector, calls = served
+    driver = start_browser()
+    try:
+        from selenium.webdriver.common.by import By
+        from utils.prediction import binary_mask, full_size, overlay, read_rgb
+        uploads = [images / "wide.png", images / "tall.jpg"]
+        amaps = [expected_map(path, tiny_archive, tiny_checkpoint) for path in uploads]
+        # from the first T (0.5) to about the maps' median, so that the masks are partial
+        steps = lambda d: round((np.median(amaps) - 0.5) / slider_step(d)) or -1
+        cards, t = drive(driver, server.url, uploads, steps, out=tmp_path)
+        runs = len(calls)
+        assert np.min(amaps) < t < np.max(amaps)  # T moved into the maps' range
+        for card, path, amap in zip(cards, uploads, amaps):
+            assert card.find_element(By.CLASS_NAME, "title").text == path.name
+            image = np.asarray(read_rgb(path))
+            full = full_size(amap, image.shape[1::-1])
+            shown = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.overlay"))
+            # the page's overlay is the heat map of the oracle's map over the image
+            assert np.abs(shown.astype(int) - overlay(image, full)).max() <= 1
+            mask = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.mask"))[..., 0]
+            expected = binary_mask(full, t)
+            assert (mask != expected).mean() < 0.01  # pixels within 1e-6 of T may differ
+            assert 0 < (mask > 0).mean() < 1
+            alarm = "alarm" in card.get_attribute("class").split()
+            assert alarm == bool(amap.max() > t)
+        count = driver.find_element(By.ID, "alarm-count").text
+        assert count.endswith("of 2 images have pixels above T")
+        assert len(calls) == runs  # moving T did not run the model
+
+        # calibration: T on the page is the quantile of the normal images' max pixel scores
+        from utils.calibration import threshold_for
+        normal = [images / "wide.png", images / "deep.tif"]
+        text = calibrate_on_page(driver, normal, [images / "tall.jpg"], "0.5", out=tmp_path)
+        scores = [float(expected_map(p, tiny_archive, tiny_checkpoint).max()) for p in normal]
+        t_cal = threshold_for(scores, 0.5)
+        assert text.startswith(f"T = {t_cal:.4f} for a false-alarm rate of 50.0 %")
+        assert "of 1 defective images above T" in text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#histogram rect")) == 60
+        driver.find_element(By.ID, "cal-use").click()
+        wait(driver, lambda d: all(mask_threshold(c.find_element(By.CSS_SELECTOR, "img.mask"))
+                                   == pytest.approx(t_cal, abs=1e-6) for c in cards),
+             "the masks at the calibrated T")
+        for shot in ("app_inspect.png", "app_threshold.png", "app_calibrate.png"):
+            assert Image.open(tmp_path / shot).size[0] > 600
+    finally:
+        driver.quit()
+
+
+def test_bad_input_on_the_page(served, images):
+    driver = start_browser()
+    try:
+        from selenium.webdriver.common.by import By
+        driver.get(served[0].url)
+        driver.find_element(By.ID, "run").click()  # nothing chosen
+        wait(driver, lambda d: "no images given" in d.find_element(By.ID, "messages").text,
+             "the empty-upload message")
+        driver.find_element(By.ID, "files").send_keys(
+            "\n".join(str(images / n) for n in ("notes.txt", "deep.tif")))
+        driver.find_element(By.ID, "run").click()
+        wait(driver, lambda d: "skipped notes.txt" in d.find_element(By.ID, "messages").text,
+             "the non-image message")
+        card = driver.find_element(By.CSS_SELECTOR, "#results .card")
+        assert card.find_element(By.CLASS_NAME, "title").text == "deep.tif"
+    finally:
+        driver.quit()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Drive a running inspection page and save "
+                                            "screenshots (the README's)")
+    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=-100, help="arrow-key presses on the slider")
+    p.add_argument("--normal", nargs="*", default=[], help="also calibrate on these")
+    p.add_argument("--defective", nargs="*", default=[])
+    p.add_argument("--false_alarm_rate", default="0.01")
+    p.add_argument("--out", default="figures")
+    args = p.parse_args(argv)
+    driver = start_browser()
+    try:
+        drive(driver, args.url, [Path(i).resolve() for i in args.images],
+              lambda d: args.steps, out=args.out)
+        if args.normal:
+            print(calibrate_on_page(driver, [Path(i).resolve() for i in args.normal],
+                                    [Path(i).resolve() for i in args.defective],
+                                    args.false_alarm_rate, out=args.out))
+    finally:
+        driver.quit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
