@@ -277,7 +277,8 @@ class Inspector:
     @staticmethod
     async def _save(upload: UploadFile, folder: Path) -> Path:
         folder.mkdir(parents=True)
-        path = folder / Path(upload.filename).name  # the name only, never a path from outside
+        name = Path(upload.filename).name  # the name only, never a path from outside
+        path = folder / (name if name not in ("", ".", "..") else "upload")
         with open(path, "wb") as f:
             await run_in_threadpool(shutil.copyfileobj, upload.file, f)
         return path
