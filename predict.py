@@ -18,6 +18,7 @@ and the false-alarm rate on other normal images.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from tqdm import tqdm
@@ -25,8 +26,8 @@ from tqdm import tqdm
 from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, fail,
                        read_checkpoint_and_config, select_device)
-from utils.prediction import (MapsFn, OutputWriter, Prediction, expand_inputs, predict_paths,
-                              torch_maps, unique_names)
+from utils.prediction import (MapsFn, OutputWriter, Prediction, Skipped, expand_inputs,
+                              predict_paths, torch_maps, unique_names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,11 +78,14 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             writer.write(names[result.index], result)
             rows.append(result.row())
         else:
-            print(f"warning: skipped {result.path}: cannot read it ({result.reason})",
-                  file=sys.stderr)
+            warn_skipped(result)
             failed.append(str(result.path))
     writer.write_scores(rows)
     return rows, failed
+
+
+def warn_skipped(skipped: Skipped) -> None:
+    print(f"warning: skipped {skipped.path}: cannot read it ({skipped.reason})", file=sys.stderr)
 
 
 def max_pixel_scores(paths, maps_fn: MapsFn, image_size: int, args, desc: str) -> list[float]:
@@ -92,8 +96,7 @@ def max_pixel_scores(paths, maps_fn: MapsFn, image_size: int, args, desc: str) -
         if isinstance(result, Prediction):
             scores.append(result.max_pixel_score)
         else:
-            print(f"warning: skipped {result.path}: cannot read it ({result.reason})",
-                  file=sys.stderr)
+            warn_skipped(result)
     return scores
 
 
@@ -127,8 +130,8 @@ def report_calibration(c: Calibration, held_out: list[float]) -> None:
     print(f"  normal images: {round(c.normal_alarm_rate * n)} of {n} above T "
           f"(false-alarm rate {c.normal_alarm_rate:.4f})")
     if n * a < 1:
-        print(f"  note: with fewer than {1 / a if a else float('inf'):.0f} normal images T is "
-              "their largest score")
+        need = f"; a rate of {a:g} needs at least {math.ceil(1 / a)} normal images" if a else ""
+        print(f"  note: a * n < 1, so T is the largest normal score{need}")
     if c.defective_scores:
         m = len(c.defective_scores)
         print(f"  defective images: {round(c.recall * m)} of {m} above T (recall {c.recall:.4f})")
