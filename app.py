@@ -250,8 +250,7 @@ class Inspector:
         inputs = {}
         for group in GROUPS[kind]:
             uploads = [f for f in form.getlist(group) if isinstance(f, UploadFile) and f.filename]
-            inputs[group] = [(await self._save(f, folder / group / f"{k:05d}"), f.filename)
-                             for k, f in enumerate(uploads)]
+            inputs[group] = [(await self._save(f, folder / group), f.filename) for f in uploads]
             server_folder = str(form.get(f"{group}_folder") or "").strip()
             if server_folder:
                 found = expand_inputs([server_folder])
@@ -276,9 +275,16 @@ class Inspector:
 
     @staticmethod
     async def _save(upload: UploadFile, folder: Path) -> Path:
-        folder.mkdir(parents=True)
+        """The upload in ``folder`` under its own name (``_1``, ``_2``, ... where names repeat):
+        a group's uploads share one folder, as the images of a folder given to predict.py."""
+        folder.mkdir(parents=True, exist_ok=True)
         name = Path(upload.filename).name  # the name only, never a path from outside
         path = folder / (name if name not in ("", ".", "..") else "upload")
+        stem, suffix = path.stem, path.suffix
+        for k in itertools.count(1):
+            if not path.exists():
+                break
+            path = folder / f"{stem}_{k}{suffix}"
         with open(path, "wb") as f:
             await run_in_threadpool(shutil.copyfileobj, upload.file, f)
         return path

@@ -144,9 +144,9 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     url = server.url
     job = run_job(url, [("kind", "inspect"), ("images", images / "wide.png"),
                         ("images", images / "notes.txt"), ("images", images / "empty.png"),
-                        ("images", images / "deep.tif")])
-    assert job["error"] is None and job["total"] == job["done"] == 4
-    assert [r["name"] for r in job["results"]] == ["wide.png", "deep.tif"]
+                        ("images", images / "deep.tif"), ("images", images / "wide.png")])
+    assert job["error"] is None and job["total"] == job["done"] == 5
+    assert [r["name"] for r in job["results"]] == ["wide.png", "deep.tif", "wide.png"]
     assert sorted(s["name"] for s in job["skipped"]) == ["empty.png", "notes.txt"]
     wide = job["results"][0]
     amap = expected_map(images / "wide.png", tiny_archive, tiny_checkpoint)
@@ -166,10 +166,11 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert np.array_equal(mask, binary_mask(full_size(kept, (64, 48)), t))
     assert 0 < (mask > 0).mean() < 1
     with zipfile.ZipFile(io.BytesIO(request(f"{base}/masks.zip?threshold={t}")[1])) as z:
-        assert sorted(z.namelist()) == ["masks/deep.png", "masks/wide.png"]
+        assert sorted(z.namelist()) == ["masks/deep.png", "masks/wide.png", "masks/wide_1.png"]
         assert np.array_equal(np.asarray(Image.open(z.open("masks/wide.png"))), mask)
     rows = list(csv.DictReader(io.StringIO(request(base + "/scores.csv")[1].decode())))
-    assert [r["path"] for r in rows] == ["wide.png", "deep.tif"]
+    assert [r["path"] for r in rows] == ["wide.png", "deep.tif", "wide.png"]
+    assert rows[0]["max_pixel_score"] == rows[2]["max_pixel_score"]
     assert float(rows[0]["max_pixel_score"]) == pytest.approx(wide["max_pixel_score"])
     assert len(calls) == runs  # masks at new thresholds never run the model
 
