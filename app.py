@@ -43,8 +43,8 @@ from starlette.routing import Route
 import predict
 from utils.calibration import calibrate
 from utils.cli import INPUT_ERRORS, UsageError, add_model_flags, fail
-from utils.prediction import (MapsFn, Prediction, binary_mask, expand_inputs, full_size, overlay,
-                              predict_paths, read_rgb, scores_csv, unique_names)
+from utils.prediction import (Prediction, binary_mask, expand_inputs, full_size, overlay, read_rgb,
+                              scores_csv, unique_names)
 from utils.visualize import png_bytes
 
 PAGE = Path(__file__).resolve().parent / "utils" / "page.html"
@@ -93,13 +93,13 @@ class Job:
     def total(self) -> int:
         return sum(len(v) for v in self.inputs.values())
 
-    def run(self, maps_fn: MapsFn, image_size: int, batch_size: int) -> None:
+    def run(self, predict_images: predict.Predictor) -> None:
         """Predict every group in order (in the worker thread); never raises."""
         try:
             for group, inputs in self.inputs.items():
                 paths = [p for p, _ in inputs]
                 names = unique_names(paths)
-                for result in predict_paths(paths, maps_fn, image_size, batch_size):
+                for result in predict_images(paths):
                     path, source = inputs[result.index]
                     if isinstance(result, Prediction):
                         with Image.open(path) as im:
@@ -153,11 +153,11 @@ def _threshold(request: Request) -> float:
 
 
 class Inspector:
-    """The page's state: the model (as a MapsFn), the jobs and the one worker thread."""
+    """The page's state: the model (``predict.predictor``), the jobs and the one worker thread."""
 
-    def __init__(self, maps_fn: MapsFn, image_size: int, batch_size: int = 8,
-                 threshold: float = 0.5, description: str = ""):
-        self.maps_fn, self.image_size, self.batch_size = maps_fn, image_size, batch_size
+    def __init__(self, predict_images: predict.Predictor, threshold: float = 0.5,
+                 description: str = ""):
+        self.predict_images = predict_images
         self.info = {"model": description, "threshold": threshold}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.ids = itertools.count(1)
@@ -189,7 +189,7 @@ class Inspector:
             job_id = str(next(self.ids))
             self.jobs[job_id] = job
             self._forget_old()
-        self.worker.submit(job.run, self.maps_fn, self.image_size, self.batch_size)
+        self.worker.submit(job.run, self.predict_images)
         return JSONResponse({"job": job_id})
 
     async def status(self, request: Request) -> JSONResponse:
@@ -335,6 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--threshold", type=float, default=0.5, help="the slider's first position")
     p.add_argument("--batch_size", type=int, default=8)
+    p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
     add_model_flags(p)
     return p.parse_args(argv)
 
@@ -352,12 +353,11 @@ def listen(host: str, port: int) -> socket.socket:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        maps_fn, image_size = predict.model_maps(args)
+        predict_images = predict.predictor(args)
         sock = listen(args.host, args.port)
     except INPUT_ERRORS as e:
         return fail(e)
-    inspector = Inspector(maps_fn, image_size, args.batch_size, args.threshold,
-                          f"checkpoint {args.checkpoint_path}, {image_size} px")
+    inspector = Inspector(predict_images, args.threshold, f"checkpoint {args.checkpoint_path}")
     host, port = sock.getsockname()[:2]
     print(f"serving the inspection page on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(inspector), log_level="warning")).run(sockets=[sock])

@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, fail,
                        read_checkpoint_and_config, select_device)
-from utils.prediction import (MapsFn, OutputWriter, Prediction, Skipped, expand_inputs,
-                              predict_paths, torch_maps, unique_names)
+from utils.prediction import (OutputWriter, Prediction, Skipped, expand_inputs, predict_paths,
+                              torch_maps, unique_names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,12 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_maps(args: argparse.Namespace) -> tuple[MapsFn, int]:
-    """The model the flags name as a ``MapsFn``, and its image size (predict.py, app.py)."""
+# image paths -> each one's Prediction, or Skipped where it cannot be read, in input order
+Predictor = Callable[[list[Path]], Iterator[Prediction | Skipped]]
+
+
+def predictor(args: argparse.Namespace) -> Predictor:
+    """The model and scoring the flags name, as one function of the image paths: what
+    ``predict``, ``--calibrate`` and the inspection page (app.py) run."""
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     device = select_device(args)
-    return torch_maps(build_model(args, cfg, payload, device), device, args.precision), \
-        cfg.image_size
+    maps_fn = torch_maps(build_model(args, cfg, payload, device), device, args.precision)
+    return lambda paths: predict_paths(paths, maps_fn, cfg.image_size, args.batch_size,
+                                       args.num_workers)
 
 
 def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
@@ -68,12 +76,11 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
-    maps_fn, image_size = model_maps(args)
+    run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)
     rows, failed = [], []
-    results = predict_paths(paths, maps_fn, image_size, args.batch_size, args.num_workers)
-    for result in tqdm(results, total=len(paths), desc="predict", unit="image"):
+    for result in tqdm(run(paths), total=len(paths), desc="predict", unit="image"):
         if isinstance(result, Prediction):
             writer.write(names[result.index], result)
             rows.append(result.row())
@@ -88,11 +95,10 @@ def warn_skipped(skipped: Skipped) -> None:
     print(f"warning: skipped {skipped.path}: cannot read it ({skipped.reason})", file=sys.stderr)
 
 
-def max_pixel_scores(paths, maps_fn: MapsFn, image_size: int, args, desc: str) -> list[float]:
+def max_pixel_scores(run: Predictor, paths: list[Path], desc: str) -> list[float]:
     """Each readable image's max pixel score; unreadable ones are skipped with a warning."""
     scores = []
-    results = predict_paths(paths, maps_fn, image_size, args.batch_size, args.num_workers)
-    for result in tqdm(results, total=len(paths), desc=desc, unit="image"):
+    for result in tqdm(run(paths), total=len(paths), desc=desc, unit="image"):
         if isinstance(result, Prediction):
             scores.append(result.max_pixel_score)
         else:
@@ -114,9 +120,8 @@ def calibrate_threshold(args: argparse.Namespace) -> tuple[Calibration, list[flo
     for flag, found in paths.items():
         if not found:
             raise UsageError(f"--{flag} {sets[flag]}: no images found")
-    maps_fn, image_size = model_maps(args)
-    scores = {flag: max_pixel_scores(found, maps_fn, image_size, args, flag)
-              for flag, found in paths.items()}
+    run = predictor(args)
+    scores = {flag: max_pixel_scores(run, found, flag) for flag, found in paths.items()}
     if not scores["calibrate"]:
         raise UsageError(f"--calibrate {args.calibrate}: none of the images could be read")
     return (calibrate(scores["calibrate"], args.false_alarm_rate, scores.get("defective", [])),

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -55,18 +54,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def served(tiny_archive, tiny_checkpoint):
-    """(server, inspector, calls): the tiny model behind the page; ``calls`` counts model runs."""
+    """(server, inspector, calls): the tiny model behind the page; ``calls`` counts its runs."""
     import app
     import predict
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
-                               str(tiny_archive), "--device", "cpu"])
-    maps_fn, size = predict.model_maps(args)
-    calls = []
+                               str(tiny_archive), "--device", "cpu", "--batch_size", "2",
+                               "--num_workers", "0"])
+    run, calls = predict.predictor(args), []
 
-    def counted(images):
-        calls.append(len(images))
-        return maps_fn(images)
-    inspector = app.Inspector(counted, size, batch_size=2, threshold=0.5, description="tiny")
+    def counted(paths):  # the page's only way to the model
+        calls.append(len(paths))
+        return run(paths)
+    inspector = app.Inspector(counted, threshold=0.5, description="tiny")
     server = Server(inspector)
     yield server, inspector, calls
     server.stop()
@@ -172,7 +171,7 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert [r["path"] for r in rows] == ["wide.png", "deep.tif", "wide.png"]
     assert rows[0]["max_pixel_score"] == rows[2]["max_pixel_score"]
     assert float(rows[0]["max_pixel_score"]) == pytest.approx(wide["max_pixel_score"])
-    assert len(calls) == runs  # masks at new thresholds never run the model
+    assert len(calls) == runs  # masks at new thresholds never run the model again
 
     # bad requests: a message, and the server keeps serving
     for form, message in [
