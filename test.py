@@ -21,8 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.cli import (INPUT_ERRORS, fail, add_model_flags, autocast, build_model,
-                       read_checkpoint_and_config, seed_everything, select_device)
+from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, at_least, autocast,
+                       build_model, check_output_folder, fail, read_checkpoint_and_config,
+                       seed_everything, select_device)
 from utils.data import AnomalyDataset, DataError
 from utils.files import atomic_write
 from utils.metrics import evaluate_product, format_table, mean_row
@@ -30,16 +31,16 @@ from utils.visualize import save_panel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Zero-shot anomaly segmentation test of VCP-CLIP")
+    p = ArgumentParser(description="Zero-shot anomaly segmentation test of VCP-CLIP")
     p.add_argument("--data_path", default="./dataset/mvisa/data", help="standardized data root")
     p.add_argument("--save_path", default="./results/test", help="log.txt, metrics.json, imgs/")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
     p.add_argument("--dataset", default="mvtec", help="NAME of <data_path>/meta_NAME.json")
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--seed", type=at_least(0), default=111)
     add_model_flags(p)
     g = p.add_argument_group("speed (ours)")
-    g.add_argument("--batch_size", type=int, default=8)
-    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--batch_size", type=at_least(1), default=8)
+    g.add_argument("--num_workers", type=at_least(0), default=2)
     g.add_argument("--no_vis", action="store_true", help="skip the heat-map panels")
     return p.parse_args(argv)
 
@@ -134,8 +135,9 @@ def run(args: argparse.Namespace) -> Evaluator:
     # everything that can be wrong with the inputs fails here, before any model work
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     dataset = AnomalyDataset(args.data_path, args.dataset, "test", image_size=cfg.image_size)
+    check_output_folder(args.save_path, "--save_path")
     device = select_device(args)
-    model = build_model(args, cfg, payload, device)
+    model = build_model(args, cfg, payload, device, args.checkpoint_path)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     save_path = Path(args.save_path)

@@ -2,12 +2,12 @@
 from .build import build_vcp_clip
 from .checkpoint import (CheckpointError, checkpoint_configs, load_vcp_weights, read_checkpoint,
                          save_checkpoint, vcp_state_dict)
-from .clip import CLIP, CLIPConfig
+from .clip import CLIP, CLIPConfig, ConfigError
 from .load import WeightsError, infer_config, load_clip, read_clip_state_dict
 from .tokenizer import Tokenizer
 from .vcp_clip import TEMPLATES, VCPCLIP, AnomalyMaps, VCPConfig
 
 __all__ = ["build_vcp_clip", "CheckpointError", "checkpoint_configs", "load_vcp_weights",
-           "read_checkpoint", "save_checkpoint", "vcp_state_dict", "CLIP", "CLIPConfig",
+           "read_checkpoint", "save_checkpoint", "vcp_state_dict", "CLIP", "CLIPConfig", "ConfigError",
            "WeightsError", "infer_config", "load_clip", "read_clip_state_dict", "Tokenizer",
            "TEMPLATES", "VCPCLIP", "AnomalyMaps", "VCPConfig"]

@@ -13,18 +13,20 @@ __all__ = ["build_vcp_clip"]
 
 def build_vcp_clip(clip_weights: str | Path | dict, cfg: VCPConfig,
                    checkpoint: str | Path | dict | None = None,
-                   clip_config: CLIPConfig | None = None) -> VCPCLIP:
+                   clip_config: CLIPConfig | None = None, source: str = "") -> VCPCLIP:
     """Load the backbone (fp32, at ``cfg.image_size``), add the VCP modules, and load VCP weights
     from ``checkpoint`` if given. A checkpoint is read (and checked) before the backbone, so a
     bad path fails fast. If the checkpoint carries the CLIP config it was trained with, the
-    backbone must match it."""
-    payload = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    saved_clip = checkpoint_configs(payload)[1] if payload is not None else None
+    backbone must match it. ``source`` names an already-read checkpoint dict in messages."""
+    if isinstance(checkpoint, (str, Path)):
+        source, checkpoint = str(checkpoint), read_checkpoint(checkpoint)
+    saved_clip = checkpoint_configs(checkpoint)[1] if checkpoint is not None else None
     clip = load_clip(clip_weights, cfg.image_size, cfg.activation, expected=clip_config)
     if saved_clip is not None and saved_clip != clip.cfg:
-        raise WeightsError(f"checkpoint {checkpoint} was trained on another CLIP backbone "
-                           "(checkpoint vs weights): " + "; ".join(saved_clip.differences(clip.cfg)))
+        name = source or "(given as a dict)"
+        raise WeightsError(f"checkpoint {name} was trained on another CLIP backbone (checkpoint "
+                           "vs weights): " + "; ".join(saved_clip.differences(clip.cfg)))
     model = VCPCLIP(clip, cfg)
-    if payload is not None:
-        load_vcp_weights(model, payload, source="" if isinstance(checkpoint, dict) else str(checkpoint))
+    if checkpoint is not None:
+        load_vcp_weights(model, checkpoint, source=source)
     return model.eval()

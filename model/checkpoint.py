@@ -71,8 +71,10 @@ def read_checkpoint(path: str | Path) -> dict:
                               f"train_visa.pth / train_mvtec.pth; see README, 'Weights')")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read VCP checkpoint {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # torch's own messages run to several lines: keep the first
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read VCP checkpoint {path} (not a file that torch.save "
+                              f"wrote, or cut short): {type(e).__name__}: {reason}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a VCP checkpoint (expected a dict, "
                               f"found {type(payload).__name__})")

@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLIPConfig", "CLIP", "TextPrompts"]
+__all__ = ["ConfigError", "CLIPConfig", "CLIP", "TextPrompts"]
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built (a config file, a layer index, a size)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,12 @@ class CLIPConfig:
         try:
             return cls.from_json_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"config file {path} is not a CLIP config "
-                             f"(embed_dim, vision_cfg, text_cfg): {e!r}") from None
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:  # not JSON (or not text), keys missing
+            raise ConfigError(f"config file {path} is not a CLIP config "
+                              f"(embed_dim, vision_cfg, text_cfg): {e!r}") from None
 
     def to_json_dict(self) -> dict:
         return {"embed_dim": self.embed_dim,
@@ -130,7 +136,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig, image_size: int, activation: str):
         super().__init__()
         if image_size % cfg.patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size "
+            raise ConfigError(f"image size {image_size} is not a multiple of the patch size "
                              f"{cfg.patch_size}")
         width, self.grid = cfg.vision_width, image_size // cfg.patch_size
         self.conv1 = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=False)
@@ -189,7 +195,7 @@ class CLIP(nn.Module):
                  vocab_size: int | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg, image_size, activation)
         width = cfg.text_width

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import ConfigError
+
 __all__ = ["PostVCP"]
 
 
@@ -20,7 +22,7 @@ class PostVCP(nn.Module):
     def __init__(self, text_width: int, vision_width: int, heads: int = 8):
         super().__init__()
         if vision_width % heads:
-            raise ValueError(f"vision width {vision_width} is not divisible by {heads} heads")
+            raise ConfigError(f"vision width {vision_width} is not divisible by {heads} heads")
         self.heads = heads
         self.prompt_temp_l1 = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.q_proj_pre = nn.Conv1d(text_width, vision_width, 1)

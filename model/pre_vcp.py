@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .clip import ConfigError
+
 __all__ = ["PreVCP"]
 
 
@@ -28,7 +30,7 @@ class PreVCP(nn.Module):
     def __init__(self, prompt_len: int, width: int, embed_dim: int, use_global: bool = True):
         super().__init__()
         if use_global and width != embed_dim:
-            raise ValueError(f"Pre-VCP needs text width == embed dim, got {width} and {embed_dim}")
+            raise ConfigError(f"Pre-VCP needs text width == embed dim, got {width} and {embed_dim}")
         self.use_global = use_global
         self.prompt_query = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(1, prompt_len, width), std=1.0, a=-2.0, b=2.0))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import CLIP, TextPrompts
+from .clip import CLIP, ConfigError, TextPrompts
 from .post_vcp import PostVCP
 from .pre_vcp import PreVCP
 from .tokenizer import CLASS, CLASS_ID, Tokenizer
@@ -33,6 +33,14 @@ class VCPConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "features_list", tuple(int(i) for i in self.features_list))
+        layers = self.features_list
+        if not layers or len(set(layers)) != len(layers):
+            raise ConfigError(f"features_list {list(layers)}: needs one or more distinct layers")
+        for name in ("image_size", "prompt_len", "deep_prompt_len", "post_vcp_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,10 +76,10 @@ class VCPCLIP(nn.Module):
         bb = clip.cfg
         bad = [i for i in cfg.features_list if not 1 <= i <= bb.vision_layers]
         if bad:
-            raise ValueError(f"features_list {list(cfg.features_list)}: layers {bad} are outside "
+            raise ConfigError(f"features_list {list(cfg.features_list)}: layers {bad} are outside "
                              f"1..{bb.vision_layers} of this backbone")
         if not 0 <= cfg.total_d_layer_len <= bb.text_layers - 1:
-            raise ValueError(f"total_d_layer_len {cfg.total_d_layer_len} must be in "
+            raise ConfigError(f"total_d_layer_len {cfg.total_d_layer_len} must be in "
                              f"0..{bb.text_layers - 1} (text layers - 1)")
         self.cfg = cfg
         self.clip = clip.requires_grad_(False)

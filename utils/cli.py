@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import sys
-
-from model import (CheckpointError, CLIPConfig, VCPConfig, WeightsError, build_vcp_clip,
-                   checkpoint_configs, read_checkpoint)
+from model import (CheckpointError, CLIPConfig, ConfigError, VCPConfig, WeightsError,
+                   build_vcp_clip, checkpoint_configs, read_checkpoint)
 from utils.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +27,45 @@ class UsageError(ValueError):
 
 
 # What a user's flags, files or data can get wrong: reported as one line, never a traceback.
-INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError)
+INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError, ConfigError)
 
 
 def fail(error: Exception) -> int:
     """Print an input error for the user; the scripts' exit status for it."""
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value) are one ``error:`` line like the others."""
+
+    def error(self, message: str):
+        fail(UsageError(f"{message} (see {self.prog} --help)"))
+        sys.exit(2)
+
+
+def at_least(low: int):
+    """An argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """Fail before any work if ``path`` cannot be (or become) a folder we can write in; nothing
+    is created here."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {existing}")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +124,17 @@ def expected_clip_config(args: argparse.Namespace, payload: dict | None) -> CLIP
 
 def select_device(args: argparse.Namespace) -> torch.device:
     if args.device:
-        return torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, "
+                             "...)") from None
+        backend = getattr(torch, device.type, None)
+        if device.type != "cpu" and not (
+                backend is not None and backend.is_available()
+                and (device.index or 0) < getattr(backend, "device_count", lambda: 1)()):
+            raise UsageError(f"--device {args.device}: this machine has no such device")
+        return device
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     if accelerator is not None and accelerator.is_available():
         return torch.device(accelerator.current_accelerator().type, args.device_id)
@@ -124,11 +166,12 @@ def read_checkpoint_and_config(args: argparse.Namespace, checkpoint_path) -> tup
 
 
 def build_model(args: argparse.Namespace, cfg: VCPConfig, payload: dict | None,
-                device: torch.device):
-    """The one model builder of the scripts (fp32 weights, eval mode, on ``device``)."""
+                device: torch.device, source: str = ""):
+    """The one model builder of the scripts (fp32 weights, eval mode, on ``device``); ``source``
+    names the checkpoint file that ``payload`` was read from."""
     pretrained = Path(args.pretrained_path)
     if not pretrained.is_absolute() and not pretrained.exists() and (ROOT / pretrained).exists():
         pretrained = ROOT / pretrained
     model = build_vcp_clip(pretrained, cfg, checkpoint=payload,
-                           clip_config=expected_clip_config(args, payload))
+                           clip_config=expected_clip_config(args, payload), source=source)
     return model.to(device)

@@ -26,18 +26,26 @@ original-size uint8 RGB image and its {0,255} mask before the preprocessing abov
 probability ``mosaic_rate`` a sample is replaced by a 2x2 mosaic of four anomalous images of the
 same product (see ``AnomalyDataset`` for the exact layout).
 
-Randomness: each sample that needs any draws one 62-bit seed from torch's default generator and
-builds a ``numpy.random.Generator`` from it. In the main process (``num_workers=0``) that generator
-is the global one (``torch.manual_seed``); in a DataLoader worker torch has already seeded it with
-the loader's per-epoch base seed + worker id. So a fixed global torch seed gives identical batches
-for a given ``num_workers`` (0 or more) with no ``worker_init_fn``, and epochs differ. Samples that
-need no randomness (test time) do not touch torch's RNG.
+Randomness: each sample that needs any builds a ``numpy.random.Generator`` for itself. By default
+its seed is one 62-bit draw from torch's default generator: in the main process (``num_workers=0``)
+that generator is the global one (``torch.manual_seed``); in a DataLoader worker torch has already
+seeded it with the loader's per-epoch base seed + worker id. So a fixed global torch seed gives
+identical batches for a given ``num_workers`` (0 or more) with no ``worker_init_fn``, and epochs
+differ. After ``seed_samples(seed, epoch)`` (what training does) the generator is seeded with
+``(seed, epoch, index)`` instead: a sample's draws no longer depend on which worker loads it or on
+what was loaded before, so a run resumed in the middle of an epoch repeats the uninterrupted one,
+for any ``num_workers``. Samples that need no randomness (test time) do not touch torch's RNG.
+
+A file that cannot be decoded (truncated, not an image) raises ``DataError`` naming it and its
+product, also from a DataLoader worker; ``check_readable`` decodes every file up front.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -74,6 +82,14 @@ _MAX_LISTED = 10  # missing files named in one error message
 
 class DataError(ValueError):
     """A data root, meta file or data file is missing or does not have the expected form."""
+
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, it comes back as DataError("Caught DataError in DataLoader
+        # worker process N.\nOriginal Traceback ...\nutils.data.DataError: <message>"): the user
+        # gets <message> alone, as from the main process.
+        if message.startswith("Caught DataError"):
+            message = re.split(r"^\S*DataError: ", message, flags=re.M)[-1].rstrip("\n")
+        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +297,7 @@ class AnomalyDataset(Dataset):
             p: [i for i in r if self.entries[i]["anomaly"] == 1]
             for p, r in self.product_ranges.items()}
         self._check_files()
+        self.sample_key: tuple[int, int] | None = None  # (seed, epoch), see seed_samples
 
         self.image_tf = image_transform(image_size)
         self.mask_tf = mask_transform(image_size)
@@ -326,13 +343,40 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def check_readable(self, threads: int = 8) -> None:
+        """Decode every image and mask now; one ``DataError`` lists those that cannot be read (a
+        run that met one later would stop halfway, or score without it)."""
+        def problem(entry: dict[str, Any]) -> str | None:
+            try:
+                self._load(entry)
+            except DataError as e:
+                return str(e)
+            return None
+
+        with ThreadPoolExecutor(threads) as pool:  # Pillow decodes without the GIL
+            problems = [p for p in pool.map(problem, self.entries) if p]
+        if problems:
+            more = (f"\n  ... and {len(problems) - _MAX_LISTED} more"
+                    if len(problems) > _MAX_LISTED else "")
+            raise DataError(f"{len(problems)} file(s) listed in {self.meta_file} cannot be read:"
+                            "\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
+
     def _load(self, entry: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
         """The entry's PIL image (mode as stored) and {0,255} "L" mask, or None for no defect."""
-        image = open_image(self.root / entry["img_path"])
+        image = self._read(open_image, entry, "img_path")
         mask = None
         if entry["anomaly"] == 1 and entry["mask_path"]:
-            mask = open_mask(self.root / entry["mask_path"])
+            mask = self._read(open_mask, entry, "mask_path")
         return image, mask
+
+    def _read(self, opener: Callable, entry: dict[str, Any], key: str) -> Image.Image:
+        path = self.root / entry[key]
+        try:
+            return opener(path)
+        except Exception as e:  # truncated, not an image, unreadable: Pillow raises many types
+            kind = "image" if key == "img_path" else "mask"
+            raise DataError(f"cannot read {kind} {path} (product {entry['product']!r}): "
+                            f"{type(e).__name__}: {e}") from None
 
     def _mosaic(self, product: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
         pool = self._anomalous[product]
@@ -354,7 +398,15 @@ class AnomalyDataset(Dataset):
             canvas_mask.paste(mask, xy)
         return canvas, canvas_mask
 
-    def _sample_rng(self) -> np.random.Generator:
+    def seed_samples(self, seed: int, epoch: int) -> None:
+        """From now on the randomness of sample ``index`` is a function of (seed, epoch, index)
+        alone (see the module docstring). Call it before each epoch's loader iterator is made:
+        the worker processes take a copy of the dataset then."""
+        self.sample_key = (seed, epoch)
+
+    def _sample_rng(self, index: int) -> np.random.Generator:
+        if self.sample_key is not None:
+            return np.random.default_rng([*self.sample_key, index])
         # One draw from torch's default generator: the global one in the main process, the
         # per-worker one (seeded by the DataLoader) in a worker. See the module docstring.
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
@@ -364,7 +416,7 @@ class AnomalyDataset(Dataset):
         entry = self.entries[index]
         product = entry["product"]
         anomaly = entry["anomaly"]
-        rng = self._sample_rng() if (self.augment is not None or self.mosaic_rate > 0) else None
+        rng = self._sample_rng(index) if (self.augment is not None or self.mosaic_rate > 0) else None
 
         mosaic = (rng is not None and self.mosaic_rate > 0 and bool(self._anomalous[product])
                   and rng.random() < self.mosaic_rate)

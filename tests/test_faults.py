@@ -1,0 +1,155 @@
+"""Bad inputs and faults (README, 'When something goes wrong'): each is one `error:` line that
+names the file, key or flag, a non-zero exit status, no traceback and no partial output."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import test as test_script
+import train as train_script
+from model import CLIPConfig
+from utils.random_clip import write_openai_archive
+
+
+def first_image(root: Path, dataset: str, product: str, state: str = "anomaly") -> Path:
+    return sorted((root / dataset / product / "test" / state).iterdir())[0]
+
+
+def truncate(path: Path, keep: int = 300) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.fixture()
+def env(tmp_path, tiny_data, tiny_archive, tiny_checkpoint):
+    """A private copy of the toy data, the tiny CLIP and a checkpoint; cases break one thing."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    return {"data": data, "archive": tiny_archive, "checkpoint": tiny_checkpoint,
+            "tmp": tmp_path, "out": tmp_path / "out"}
+
+
+def argv_test_py(env):
+    return ["--data_path", env["data"], "--dataset", "toy", "--checkpoint_path", env["checkpoint"],
+            "--pretrained_path", env["archive"], "--save_path", env["out"], "--device", "cpu",
+            "--num_workers", "0", "--batch_size", "4"]
+
+
+def argv_train_py(env):
+    return ["--dataset", "toy", "--train_data_path", env["data"], "--val_data_path", env["data"],
+            "--pretrained_path", env["archive"], "--model", "tiny", "--features_list", "1", "2",
+            "3", "4", "--image_size", "56", "--total_d_layer_len", "3", "--save_path",
+            env["out"], "--device", "cpu", "--num_workers", "0", "--batch_size", "4",
+            "--epoch", "1"]
+
+
+def other_backbone(env):
+    """Weights of another architecture (wider text tower) than the checkpoint was trained on."""
+    raw = json.loads(Path("configs/tiny.json").read_text())
+    raw["text_cfg"]["layers"] = 5
+    return write_openai_archive(CLIPConfig.from_json_dict(raw), env["tmp"] / "other.pt")
+
+
+def not_json(path: Path) -> Path:
+    path.write_text("{this is not json")
+    return path
+
+
+def garbage(path: Path) -> Path:
+    path.write_bytes(b"\x00not a torch file" * 10)
+    return path
+
+
+def wrong_layout(path: Path) -> Path:
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
+    return path
+
+
+def truncated_copy(src: Path, dst: Path, keep: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:keep])
+    return dst
+
+
+def a_file(env) -> Path:
+    (env["tmp"] / "plain_file").write_text("x")
+    return env["tmp"] / "plain_file"
+
+
+# (name, script, flags or (argv -> argv) edit, what the error line must name)
+# Each edit gets the env and returns extra flags (later flags override earlier ones).
+CASES = [
+    ("config not JSON", "test", lambda e: ["--config_path", not_json(e["tmp"] / "bad.json")],
+     "bad.json"),
+    ("layer outside the backbone", "test", lambda e: ["--features_list", "3", "6", "9", "40"],
+     "features_list [3, 6, 9, 40]"),
+    ("truncated test image", "test",
+     lambda e: truncate(first_image(e["data"], "toy", "disc")) or [],
+     "toy_anomaly_000006.bmp (product 'disc')"),
+    ("test image that is not an image", "test",
+     lambda e: first_image(e["data"], "toy", "cube", "good").write_text("hello") and [],
+     "toy_good_000003.bmp (product 'cube')"),
+    ("truncated mask", "test",
+     lambda e: truncate(sorted((e["data"] / "toy" / "cube" / "ground_truth" / "anomaly")
+                               .iterdir())[1], 60) or [],
+     "mask"),
+    ("CLIP weights missing", "test", lambda e: ["--pretrained_path", e["tmp"] / "nothing.pt"],
+     "nothing.pt"),
+    ("CLIP weights truncated", "test",
+     lambda e: ["--pretrained_path", truncated_copy(e["archive"], e["tmp"] / "cut.pt", 2000)],
+     "cut.pt"),
+    ("CLIP weights of the wrong layout", "test",
+     lambda e: ["--pretrained_path", wrong_layout(e["tmp"] / "layout.pt")],
+     "visual.conv1.weight"),
+    ("checkpoint of another backbone", "test",
+     lambda e: ["--pretrained_path", other_backbone(e)], "another CLIP backbone"),
+    ("checkpoint missing", "test", lambda e: ["--checkpoint_path", e["tmp"] / "no.pth"], "no.pth"),
+    ("checkpoint not a checkpoint", "test",
+     lambda e: ["--checkpoint_path", garbage(e["tmp"] / "junk.pth")], "junk.pth"),
+    ("meta file not JSON", "test", lambda e: not_json(e["data"] / "meta_toy.json") and [],
+     "meta_toy.json: not valid JSON"),
+    ("unknown --dataset (no meta file)", "test", lambda e: ["--dataset", "nosuch"],
+     "meta_nosuch.json"),
+    ("missing product folder", "test",
+     lambda e: shutil.rmtree(e["data"] / "toy" / "disc") or [], "toy/disc/test"),
+    ("image size not a multiple of the patch", "test", lambda e: ["--image_size", "50"],
+     "image size 50 is not a multiple of the patch size 14"),
+    ("--batch_size 0", "test", lambda e: ["--batch_size", "0"], "--batch_size"),
+    ("unwritable --save_path", "test", lambda e: ["--save_path", a_file(e) / "out"],
+     "plain_file is a file, not a folder"),
+    ("unknown --device", "test", lambda e: ["--device", "gpu7"], "--device 'gpu7'"),
+    ("unknown flag", "test", lambda e: ["--batchsize", "4"], "--batchsize"),
+    ("train: truncated training image", "train",
+     lambda e: truncate(first_image(e["data"], "toy", "cube")) or [],
+     "toy_anomaly_000000.bmp (product 'cube')"),
+    ("train: layer outside the backbone", "train", lambda e: ["--features_list", "1", "9"],
+     "layers [9] are outside 1..4"),
+    ("train: --epoch 0", "train", lambda e: ["--epoch", "0"], "--epoch"),
+    ("train: unwritable --save_path", "train", lambda e: ["--save_path", a_file(e) / "run"],
+     "plain_file is a file, not a folder"),
+    ("train: CLIP weights missing", "train",
+     lambda e: ["--pretrained_path", e["tmp"] / "nothing.pt"], "nothing.pt"),
+]
+
+
+def run_main(module, argv) -> int:
+    try:
+        return module.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's errors exit from parse_args
+        return e.code
+
+
+@pytest.mark.parametrize("name,script,edit,named", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_no_output(name, script, edit, named, env, capsys):
+    module, argv = (test_script, argv_test_py) if script == "test" else (train_script, argv_train_py)
+    code = run_main(module, argv(env) + edit(env))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert named in err[err.index("error: "):], err
+    print(f"{name}: {err[err.index('error: '):]}")
+    for partial in ("metrics.json", "log.txt", "result.txt"):
+        assert not (env["out"] / partial).exists(), partial
+    assert not list(env["out"].glob("*.pth"))
