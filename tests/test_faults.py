@@ -1,7 +1,10 @@
 """Bad inputs and faults (README, 'When something goes wrong'): each is one `error:` line that
 names the file, key or flag, a non-zero exit status, no traceback and no partial output."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,7 +152,21 @@ def test_bad_input_is_one_line_and_leaves_no_output(name, script, edit, named, e
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
     assert named in err[err.index("error: "):], err
-    print(f"{name}: {err[err.index('error: '):]}")
     for partial in ("metrics.json", "log.txt", "result.txt"):
         assert not (env["out"] / partial).exists(), partial
     assert not list(env["out"].glob("*.pth"))
+
+
+def test_truncated_image_read_by_a_loader_worker(env):
+    """The issue's case as a user runs it: a DataLoader worker meets the file."""
+    truncate(first_image(env["data"], "toy", "disc"))
+    argv = [str(a) for a in argv_test_py(env)]
+    argv[argv.index("--num_workers") + 1] = "2"
+    run = subprocess.run([sys.executable, "test.py", *argv], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "toy_anomaly_000006.bmp (product 'disc')" in errors[0]
+    assert "image file is truncated" in errors[0]
+    assert not (env["out"] / "metrics.json").exists() and not (env["out"] / "log.txt").exists()

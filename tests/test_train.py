@@ -210,3 +210,54 @@ def test_missing_product_folder_fails_before_training(tmp_path, train_data, tiny
     code = train_script.main(train_argv(broken, tiny_archive, tmp_path / "run", "--epoch", "1"))
     assert code == 2 and "wall" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_reports_what_it_can_and_never_ends_the_run(tmp_path, train_data,
+                                                               tiny_archive):
+    """Training on "visa" validates on meta_mvtec.json; this one holds one of the reference's five
+    products ("bottle") beside another, and one of bottle's images is truncated after epoch 1."""
+    import json
+    import shutil
+    root, val_root = tmp_path / "root", tmp_path / "val"
+    shutil.copytree(train_data, root)
+    shutil.copytree(train_data, val_root)
+    meta = json.loads((root / "meta_aux.json").read_text())
+    (root / "meta_visa.json").write_text(json.dumps(meta))
+    meta["test"] = {"bottle": meta["test"]["tile"], "other": meta["test"]["wall"]}
+    for product, entries in meta["test"].items():
+        for entry in entries:
+            entry["cls_name"] = product
+    (val_root / "meta_mvtec.json").write_text(json.dumps(meta))
+    save = tmp_path / "run"
+    argv = train_argv(root, tiny_archive, save, "--epoch", "3", "--batch_size", "4",
+                      "--val_data_path", str(val_root))
+    argv[argv.index("aux")] = "visa"
+    image = val_root / meta["test"]["bottle"][0]["img_path"]
+
+    def truncate_after_epoch_1(*args, **kwargs):  # the data changes while training runs
+        if (save / "epoch_2_group_id_2.pth").exists():
+            image.write_bytes(image.read_bytes()[:300])
+        return real_validate(*args, **kwargs)
+    real_validate = train_script.validate
+    train_script.validate = truncate_after_epoch_1
+    try:
+        assert train_script.main(argv) == 0
+    finally:
+        train_script.validate = real_validate
+    log = (save / "result.txt").read_text()
+    assert log.count("product(s) ['hazelnut', 'wood', 'zipper', 'leather'] not in the test "
+                     "split") == 1
+    assert len(re.findall(r"val mvtec/bottle: pixel AP raw [\d.]+, new [\d.]+", log)) == 1
+    assert log.count("warning: validation failed") == 2 and image.name in log
+    assert sorted(p.name for p in save.glob("*.pth")) == [f"epoch_{e}_group_id_2.pth"
+                                                          for e in (1, 2, 3)]
+
+
+def test_validation_on_any_dataset_and_products(tmp_path, train_data, tiny_archive):
+    save = tmp_path / "run"
+    assert train_script.main(train_argv(train_data, tiny_archive, save, "--epoch", "1",
+                                        "--batch_size", "8", "--val_dataset", "aux",
+                                        "--val_products", "wall", "nothing")) == 0
+    log = (save / "result.txt").read_text()
+    assert "product(s) ['nothing'] not in the test split" in log
+    assert re.search(r"val aux/wall: pixel AP", log) and "val aux/tile" not in log
