@@ -26,22 +26,23 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from utils.calibration import Calibration, alarm_rate, calibrate
-from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, fail,
-                       read_checkpoint_and_config, select_device)
+from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
+                       build_model, check_output_folder, fail, read_checkpoint_and_config,
+                       select_device)
 from utils.prediction import (OutputWriter, Prediction, Skipped, expand_inputs, predict_paths,
                               torch_maps, unique_names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Segment anomalies in your own images (no labels)")
+    p = ArgumentParser(description="Segment anomalies in your own images (no labels)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
     p.add_argument("--save_path", default="./results/predict")
     p.add_argument("--threshold", type=float, default=None,
                    help="also write binary masks of map > T (T on the un-normalized map scale)")
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--batch_size", type=at_least(1), default=8)
+    p.add_argument("--num_workers", type=at_least(0), default=2)
     c = p.add_argument_group("threshold calibration (instead of INPUTs; utils/calibration.py)")
     c.add_argument("--calibrate", metavar="NORMAL", default=None,
                    help="normal images (file, folder or glob): print T, the inverted-CDF "
@@ -65,7 +66,8 @@ def predictor(args: argparse.Namespace) -> Predictor:
     ``predict``, ``--calibrate`` and the inspection page (app.py) run."""
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     device = select_device(args)
-    maps_fn = torch_maps(build_model(args, cfg, payload, device), device, args.precision)
+    model = build_model(args, cfg, payload, device, args.checkpoint_path)
+    maps_fn = torch_maps(model, device, args.precision)
     return lambda paths: predict_paths(paths, maps_fn, cfg.image_size, args.batch_size,
                                        args.num_workers)
 
@@ -76,6 +78,7 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
+    check_output_folder(args.save_path, "--save_path")
     run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)

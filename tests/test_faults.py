@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import predict as predict_script
 import test as test_script
 import train as train_script
+from dataset import make_dataset_new, make_meta
 from model import CLIPConfig
 from utils.random_clip import write_openai_archive
 
@@ -45,6 +47,18 @@ def argv_train_py(env):
             "3", "4", "--image_size", "56", "--total_d_layer_len", "3", "--save_path",
             env["out"], "--device", "cpu", "--num_workers", "0", "--batch_size", "4",
             "--epoch", "1"]
+
+
+def argv_predict_py(env):
+    return [env["data"] / "toy" / "cube" / "test" / "good", "--checkpoint_path", env["checkpoint"],
+            "--pretrained_path", env["archive"], "--save_path", env["out"], "--device", "cpu",
+            "--num_workers", "0"]
+
+
+SCRIPTS = {"test": (test_script, argv_test_py), "train": (train_script, argv_train_py),
+           "predict": (predict_script, argv_predict_py),
+           "make_meta": (make_meta, lambda env: []),
+           "make_dataset_new": (make_dataset_new, lambda env: [])}
 
 
 def other_backbone(env):
@@ -132,6 +146,16 @@ CASES = [
      "plain_file is a file, not a folder"),
     ("train: CLIP weights missing", "train",
      lambda e: ["--pretrained_path", e["tmp"] / "nothing.pt"], "nothing.pt"),
+    ("predict: config not JSON", "predict",
+     lambda e: ["--config_path", not_json(e["tmp"] / "bad.json")], "bad.json"),
+    ("predict: --batch_size 0", "predict", lambda e: ["--batch_size", "0"], "--batch_size"),
+    ("predict: unwritable --save_path", "predict", lambda e: ["--save_path", a_file(e) / "p"],
+     "plain_file is a file, not a folder"),
+    ("make_meta: no such dataset folder", "make_meta",
+     lambda e: ["--data_path", e["out"], "--dataset", "toy"], "missing folder"),
+    ("make_dataset_new: output under a file", "make_dataset_new",
+     lambda e: ["--dataset", "toy", "--layout", "folder", "--src_path", e["data"] / "toy",
+                "--dst_path", a_file(e) / "out"], "plain_file exists and is not a folder"),
 ]
 
 
@@ -144,7 +168,7 @@ def run_main(module, argv) -> int:
 
 @pytest.mark.parametrize("name,script,edit,named", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_leaves_no_output(name, script, edit, named, env, capsys):
-    module, argv = (test_script, argv_test_py) if script == "test" else (train_script, argv_train_py)
+    module, argv = SCRIPTS[script]
     code = run_main(module, argv(env) + edit(env))
     err = capsys.readouterr().err
     assert code != 0
@@ -152,7 +176,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(name, script, edit, named, e
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
     assert named in err[err.index("error: "):], err
-    for partial in ("metrics.json", "log.txt", "result.txt"):
+    for partial in ("metrics.json", "log.txt", "result.txt", "scores.csv", "overlays",
+                    "meta_toy.json"):
         assert not (env["out"] / partial).exists(), partial
     assert not list(env["out"].glob("*.pth"))
 
