@@ -187,6 +187,18 @@ def trainable_parameter_groups(model: VCPCLIP, lr: float) -> list[dict]:
     return [{"params": rest, "lr": lr}, {"params": temps, "lr": 0.01}]
 
 
+def adam(model: VCPCLIP, lr: float, payload: dict | None) -> torch.optim.Adam:
+    """SPEC §7's optimizer. A checkpoint of ours brings its moments and step counts (a released
+    file only weights); the learning rates stay the flags'."""
+    optimizer = torch.optim.Adam(trainable_parameter_groups(model, lr), betas=(0.5, 0.999))
+    if payload is not None and "optimizer" in payload:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(payload["optimizer"])
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+    return optimizer
+
+
 def validation_data(args, cfg) -> tuple[AnomalyDataset | None, list[str]]:
     """The products reported after each epoch (SPEC §7: five of the other dataset) and the log
     lines that say what was left out and why. Validation is a report: nothing here stops a run."""
@@ -200,8 +212,9 @@ def validation_data(args, cfg) -> tuple[AnomalyDataset | None, list[str]]:
         table = load_meta(args.val_data_path, name)["test"]
         wanted = args.val_products or VAL_PRODUCTS.get(name) or [p for p in table if table[p]]
         kept = [p for p in wanted if table.get(p)]
-        notes = [f"validation: product(s) {[p for p in wanted if p not in kept]} not in the test "
-                 f"split of {meta_path(args.val_data_path, name)}; skipped"] if wanted != kept else []
+        missing = [p for p in wanted if p not in kept]
+        notes = [f"validation: product(s) {missing} not in the test split of "
+                 f"{meta_path(args.val_data_path, name)}; skipped"] if missing else []
         if not kept:
             return None, notes + ["validation skipped: no product left"]
         return AnomalyDataset(args.val_data_path, name, "test", products=kept,
@@ -261,7 +274,8 @@ def train(args: argparse.Namespace) -> Path | None:
 
 def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
     if args.batch_size % ddp.world:
-        raise UsageError(f"--batch_size {args.batch_size} is not divisible by {ddp.world} processes")
+        raise UsageError(f"--batch_size {args.batch_size} is not divisible by {ddp.world} "
+                         "processes")
     seed_everything(args.seed)
     # every input is checked before anything is written: a failed start leaves no output
     payload, cfg = read_checkpoint_and_config(args, args.resume_checkpoint_path)
@@ -281,14 +295,8 @@ def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
     log(" ".join(f"--{k} {v}" for k, v in vars(args).items()))
     for note in val_notes:
         log(note)
-    optimizer = torch.optim.Adam(trainable_parameter_groups(model, args.learning_rate),
-                                 betas=(0.5, 0.999))
-    if payload is not None:  # ours also resumes optimizer + epoch; a released file only weights
-        if "optimizer" in payload:  # moments and step counts; the learning rates are the flags'
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            optimizer.load_state_dict(payload["optimizer"])
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
+    optimizer = adam(model, args.learning_rate, payload)
+    if payload is not None:
         log(f"resumed from {args.resume_checkpoint_path} at epoch {start_epoch}"
             + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else ""))
     model.train()

@@ -8,6 +8,7 @@ from .tokenizer import Tokenizer
 from .vcp_clip import TEMPLATES, VCPCLIP, AnomalyMaps, VCPConfig
 
 __all__ = ["build_vcp_clip", "CheckpointError", "checkpoint_configs", "load_vcp_weights",
-           "read_checkpoint", "save_checkpoint", "vcp_state_dict", "CLIP", "CLIPConfig", "ConfigError",
+           "read_checkpoint", "save_checkpoint", "vcp_state_dict", "CLIP", "CLIPConfig",
+           "ConfigError",
            "WeightsError", "infer_config", "load_clip", "read_clip_state_dict", "Tokenizer",
            "TEMPLATES", "VCPCLIP", "AnomalyMaps", "VCPConfig"]

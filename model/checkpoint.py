@@ -7,8 +7,10 @@ Layout (``train_visa.pth`` / ``train_mvtec.pth``)::
      "Zero_try": prompt_temp_l1, q_proj_pre.*, k_proj_pre_1.*, ...,     # VCPCLIP.post_vcp
      prompt_embeddings, deep_prompt_embeddings, prompt_proj.*, ...}     # VCPCLIP.prompts
 
-Files this project writes add ``"vcp_config"`` (and, from training, optimizer state); readers that
-know only the released keys ignore them.
+Files this project writes add ``"vcp_config"`` and, from training, ``"optimizer"``, ``"epoch"``
+(epochs done) and ``"train_args"``; one written on a stop signal also ``"step"`` (steps done in
+epoch + 1), ``"epoch_losses"`` and ``"world_size"``. Readers that know only the released keys
+ignore them.
 """
 from __future__ import annotations
 

@@ -195,7 +195,8 @@ class CLIP(nn.Module):
                  vocab_size: int | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, "
+                              f"got {activation!r}")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg, image_size, activation)
         width = cfg.text_width
