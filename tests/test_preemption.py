@@ -85,8 +85,8 @@ def progress(steps):
     return rf"epoch 1/2:.*?\|\s*([1-9]\d*)/{steps} "
 
 
-def stopped_at(text):
-    found = re.search(r"stopped by SIGTERM at epoch (\d+), step (\d+); resumable checkpoint: "
+def stopped_at(text, name="SIGTERM"):
+    found = re.search(rf"stopped by {name} at epoch (\d+), step (\d+); resumable checkpoint: "
                       r"(\S+)", text)
     assert found, text[-3000:]
     return int(found[1]), int(found[2]), Path(found[3])
@@ -100,18 +100,22 @@ def uninterrupted(tmp_path_factory, data, tiny_archive):
     return save
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tmp_path, data, tiny_archive,
-                                                            uninterrupted, workers):
+@pytest.mark.parametrize("workers,sig,send", [
+    (0, signal.SIGTERM, os.kill),
+    (2, signal.SIGTERM, os.killpg),  # the whole process group, loader workers too: a cluster
+    (2, signal.SIGINT, os.killpg),  # Ctrl-C
+])
+def test_stop_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, data, tiny_archive,
+                                                                uninterrupted, workers, sig,
+                                                                send):
     save = tmp_path / "run"
     cmd = [sys.executable, "train.py", *argv(data, tiny_archive, save, "--batch_size", "1",
                                              "--num_workers", str(workers))]
-    # workers > 0: the whole process group gets the signal, as from a cluster or Ctrl-C
     run = Running(cmd, start_new_session=True)
     run.wait_for(progress(IMAGES))
-    (os.killpg if workers else os.kill)(run.proc.pid, signal.SIGTERM)
-    assert run.finish() == 128 + signal.SIGTERM
-    epoch, step, path = stopped_at(run.text)
+    send(run.proc.pid, sig)
+    assert run.finish() == 128 + sig
+    epoch, step, path = stopped_at(run.text, sig.name)
     assert epoch == 1 and 1 <= step < IMAGES and "Traceback" not in run.text
     assert path == save / f"epoch_1_step_{step}_group_id_2.pth"
     ck = read_checkpoint(path)
