@@ -389,3 +389,21 @@ def test_augmented_sample_matches_manual_pipeline(toy):
     assert torch.equal(item["mask"], mask_transform(S)(m))
     good = ds[3]  # a good image is augmented with an all-zero mask and keeps a zero mask
     assert calls[-1][4] == {0} and not good["mask"].any()
+
+
+def test_seeded_samples_depend_on_seed_epoch_and_index_only(toy):
+    """After seed_samples, a sample's augmentation is a function of (seed, epoch, index): the
+    same whatever torch's RNG holds and in whatever order or worker it is loaded."""
+    root, _ = toy
+    ds = AnomalyDataset(root, "toy", image_size=S, augment=Augment(), mosaic_rate=0.5)
+    ds.seed_samples(333, 1)
+    torch.manual_seed(0)
+    first = [ds[i]["image"] for i in range(len(ds))]
+    torch.manual_seed(1)
+    backwards = [ds[i]["image"] for i in reversed(range(len(ds)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, backwards))
+    in_workers = _collect(ds, 5, 2)
+    assert all(torch.equal(img, first[i]) for imgs, _, idx in in_workers
+               for img, i in zip(imgs, idx.tolist()))
+    ds.seed_samples(333, 2)  # another epoch draws again
+    assert not all(torch.equal(ds[i]["image"], first[i]) for i in range(len(ds)))

@@ -107,7 +107,7 @@ def uninterrupted(tmp_path_factory, data, tiny_archive):
 ])
 def test_stop_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, data, tiny_archive,
                                                                 uninterrupted, workers, sig,
-                                                                send):
+                                                                send, capsys):
     save = tmp_path / "run"
     cmd = [sys.executable, "train.py", *argv(data, tiny_archive, save, "--batch_size", "1",
                                              "--num_workers", str(workers))]
@@ -124,6 +124,9 @@ def test_stop_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, data, 
 
     resume = argv(data, tiny_archive, save, "--batch_size", "1", "--num_workers", str(workers),
                   "--resume_checkpoint_path", str(path))
+    # the steps to skip are counted in batches: another batch size cannot resume mid-epoch
+    assert train_script.main(resume + ["--batch_size", "2"]) == 2
+    assert "by a run with --batch_size 1 on 1 process(es)" in capsys.readouterr().err
     assert train_script.main(resume) == 0
     final, ref = save / "epoch_2_group_id_2.pth", uninterrupted / "epoch_2_group_id_2.pth"
     assert max_difference(weights(final), weights(ref)) <= 1e-6

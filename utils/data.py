@@ -45,8 +45,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +416,8 @@ class AnomalyDataset(Dataset):
         entry = self.entries[index]
         product = entry["product"]
         anomaly = entry["anomaly"]
-        rng = self._sample_rng(index) if (self.augment is not None or self.mosaic_rate > 0) else None
+        random = self.augment is not None or self.mosaic_rate > 0
+        rng = self._sample_rng(index) if random else None
 
         mosaic = (rng is not None and self.mosaic_rate > 0 and bool(self._anomalous[product])
                   and rng.random() < self.mosaic_rate)
