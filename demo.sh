@@ -51,7 +51,8 @@ echo "== 4/5 train on demoaux (the backbone stays frozen; only the VCP parts lea
 # backbone's useful features are its low-level ones, and the shallow blocks keep them.
 # --learning_rate 1e-3 (25x the paper's 4e-5): the VCP parts start from scratch on top of random
 # features and must learn in 540 steps (280 images, batch 16, 30 epochs). Over seeds 0-3 the mean
-# pixel AUROC was 85.3 (83.8-85.9) with 1e-3 and 86.0 (83.1-88.2) with 2e-3, so 1e-3 for the
+# pixel AUROC was 85.3 (83.8-85.9) with 1e-3 and 86.0 (83.1-88.2) with 2e-3 (measured before
+# training's random draws were keyed by seed, epoch and step; see train.py), so 1e-3 for the
 # steadier number; at 20 epochs the result still moved by ~5 points from seed to seed. The default
 # augmentation stays on: it is what makes the maps transfer to unseen products (without it the
 # target pixel AUROC stayed near 75 in our sweeps).
