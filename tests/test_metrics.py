@@ -185,6 +185,38 @@ def test_aupro_reference_thresholds_are_the_reference_expression():
     assert M.reference_pro_thresholds(maps).size in (200, 201)
 
 
+@pytest.mark.parametrize("dtype,lo,span", [
+    (np.float32, 0.0, 1.0),
+    (np.float32, 1000.0, 3e-3),  # a few float32 steps per threshold: rounding everywhere
+    (np.float32, -7.5, 2e-4),  # fewer representable values than thresholds: repeated cuts
+    (np.float64, 0.25, 1e-9),
+])
+def test_threshold_bins_equal_a_search_of_every_value_by_the_threshold_comparisons(dtype, lo,
+                                                                                  span):
+    """The arithmetic bins equal, for every value, the count of thresholds th with value > th
+    (the reference's comparison, as NumPy evaluates it), also exactly at and next to them."""
+    rng = np.random.default_rng(11)
+    lo, hi = dtype(lo), dtype(lo + span)
+    near = np.arange(lo, hi, (hi - lo) / 200).astype(dtype)
+    values = np.concatenate([
+        rng.uniform(lo, hi, 4000).astype(dtype), near,
+        np.nextafter(near, dtype(np.inf)), np.nextafter(near, dtype(-np.inf)), [lo, hi]])
+    values = np.clip(values, lo, hi)
+    maps = values[None, None, :]
+    ths = M.reference_pro_thresholds(maps)
+    cuts = M._positive_cuts(ths, maps)
+    k = M._threshold_bins(values, cuts, maps.min(), (maps.max() - maps.min()) / 200)
+    expected = (values[:, None] > ths[None, :]).sum(axis=1)  # [n] the reference's comparisons
+    np.testing.assert_array_equal(k, expected)
+
+
+def test_aupro_reference_on_a_narrow_range_far_from_zero():
+    maps, masks = _random_product(np.random.default_rng(12), n=3)
+    # ~140 float32 values: the thresholds step by one float32 spacing, some lie above the max
+    maps = np.float32(1000) + maps * np.float32(0.01)
+    assert abs(M.aupro_reference(maps, masks) - naive_aupro_reference(maps, masks)) < TOL
+
+
 def test_aupro_undefined_is_nan():
     maps, masks = _random_product(np.random.default_rng(10), n=2)
     assert math.isnan(M.aupro_reference(maps, np.zeros_like(masks)))

@@ -473,7 +473,11 @@ def reference_pro_thresholds(maps, steps: int = PRO_STEPS) -> np.ndarray:
     """
     maps = np.asarray(maps)
     lo, hi = maps.min(), maps.max()
-    step = (hi - lo) / steps
+    return _arange_thresholds(lo, (hi - lo) / steps, hi)
+
+
+def _arange_thresholds(lo, step, hi) -> np.ndarray:
+    """``np.arange(lo, hi, step)`` of the maps' scalars; empty unless ``step > 0``."""
     if not step > 0:
         return np.empty(0, dtype=np.result_type(lo, step))
     return np.arange(lo, hi, step)
@@ -493,6 +497,37 @@ def _positive_cuts(thresholds: np.ndarray, sample: np.ndarray) -> np.ndarray:
     return cuts.astype(sample.dtype)
 
 
+def _threshold_bins(values: np.ndarray, cuts: np.ndarray, lo, step) -> np.ndarray:
+    """Per value, the number of cuts <= value (``searchsorted(cuts, values, "right")``) in O(n).
+
+    The thresholds are ``lo + i * step``, so ``ceil((value - lo) / step)`` (clipped to [0, T])
+    is the count up to rounding; every estimate is then checked against the exact cuts on both
+    sides (``cuts[k-1] <= value < cuts[k]``) and the few that miss -- values within rounding of a
+    threshold -- are searched exactly.
+
+    Args:
+        values: ``[n]`` map values (>= lo). cuts: ``[T]`` from :func:`_positive_cuts`.
+        lo, step: first threshold and step, scalars of the maps' dtype.
+
+    Returns:
+        ``[n]`` intp in 0..T.
+    """
+    n_th = cuts.size
+    k = np.subtract(values, lo)  # [n] in the maps' dtype, >= 0
+    np.divide(k, step, out=k)
+    np.ceil(k, out=k)
+    np.fmin(k, n_th, out=k)  # (also maps a NaN from an infinite range to T)
+    k = k.astype(np.intp)
+    below = np.concatenate([[-np.inf], cuts]).astype(cuts.dtype)  # below[k] = cuts[k-1]
+    above = np.concatenate([cuts, [np.inf]]).astype(cuts.dtype)  # above[k] = cuts[k]
+    miss = np.less(values, below.take(k))
+    miss |= np.greater_equal(values, above.take(k))
+    wrong = np.flatnonzero(miss)
+    if wrong.size:
+        k[wrong] = np.searchsorted(cuts, values[wrong], side="right")
+    return k
+
+
 def aupro_reference(
     maps, masks, *, max_fpr: float = MAX_FPR, steps: int = PRO_STEPS
 ) -> float:
@@ -505,11 +540,13 @@ def aupro_reference(
     FPR < ``max_fpr``, min-max rescale those FPRs to [0, 1] and return the trapezoid area under
     PRO (``sklearn.metrics.auc`` on decreasing x).
 
-    Algorithm: regions are labelled once per image. Positives at every threshold are counted at
-    once: a threshold becomes a "cut" c (smallest map value that is > th), then for each image the
-    sorted pixel values give the count of pixels >= every cut, and the (few) region pixels are
-    binned by (region, number of cuts <= value) and reverse-cumsummed. Memory: O(H*W) per image
-    plus ``[regions, thresholds]`` counts.
+    Algorithm: regions are labelled once per image. Each threshold becomes a "cut" c (smallest
+    map value that is > th), and each pixel gets its bin k = number of cuts <= value = number of
+    thresholds at which it is positive, by arithmetic on the evenly spaced thresholds corrected
+    exactly at the bin edges (:func:`_threshold_bins`; no sort). A histogram of k over all pixels
+    gives the positives at every threshold, one over (region, k) the region counts; reverse
+    cumulative sums turn them into counts at every threshold. Memory: O(H*W) per image plus
+    ``[regions, thresholds]`` counts.
 
     Args:
         maps: ``[N, H, W]`` float pixel maps. masks: ``[N, H, W]`` {0, 1}.
@@ -520,37 +557,34 @@ def aupro_reference(
     """
     maps = _as_maps(maps, "maps")
     masks = _as_binary(masks, "masks", maps.shape)
-    n_img, h, w = maps.shape
-    ths = reference_pro_thresholds(maps, steps)
+    lo, hi = maps.min(), maps.max()
+    step = (hi - lo) / steps  # the reference's step, a scalar of the maps' dtype
+    ths = _arange_thresholds(lo, step, hi)  # = reference_pro_thresholds(maps, steps)
     n_th = ths.size
     if n_th == 0:
         return math.nan
     cuts = _positive_cuts(ths, maps[:1])  # [T] in the maps' dtype, non-decreasing
-    ge_all = np.zeros(n_th, dtype=np.int64)  # pixels with value >= cut_t, all images
-    region_ge: list[np.ndarray] = []  # [R_i, T] per image with regions
-    region_area: list[np.ndarray] = []  # [R_i]
-    for i in range(n_img):
-        flat = maps[i].ravel()
-        srt = np.sort(flat)
-        ge_all += flat.size - np.searchsorted(srt, cuts, side="left")
-        if not masks[i].any():
+    bins_all = np.zeros(n_th + 1, dtype=np.int64)  # pixels per bin k, all images
+    region_bins: list[np.ndarray] = []  # [R_i, T + 1] per image with regions
+    for image, mask in zip(maps, masks):
+        k = _threshold_bins(image.ravel(), cuts, lo, step).reshape(image.shape)  # [H, W] 0..T
+        bins_all += np.bincount(k.ravel(), minlength=n_th + 1)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
             continue
-        lab, num = _label_image(masks[i])
-        lab = lab.ravel()
-        inside = np.flatnonzero(lab)
-        # number of cuts <= value = number of thresholds at which the pixel is positive
-        k = np.searchsorted(cuts, flat[inside], side="right")  # [A_i] in 0..T
-        hist = np.bincount(
-            (lab[inside].astype(np.int64) - 1) * (n_th + 1) + k, minlength=num * (n_th + 1)
-        ).reshape(num, n_th + 1)
-        # positives at threshold t: pixels with k > t
-        above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[:, t] = #(k >= t)
-        region_ge.append(above[:, 1:])
-        region_area.append(above[:, 0])
-    if not region_ge:
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # the regions' bounding box
+        lab, num = _label_image(mask[box])
+        inside = lab > 0
+        region_bins.append(np.bincount(
+            (lab[inside].astype(np.intp) - 1) * (n_th + 1) + k[box][inside],
+            minlength=num * (n_th + 1),
+        ).reshape(num, n_th + 1))
+    if not region_bins:
         return math.nan
-    reg = np.concatenate(region_ge)  # [R, T]
-    area = np.concatenate(region_area)  # [R]
+    # positives at threshold t: pixels with k > t; cum[..., t] = #(k >= t)
+    cum = np.cumsum(np.concatenate(region_bins)[:, ::-1], axis=1)[:, ::-1]  # [R, T + 1]
+    reg, area = cum[:, 1:], cum[:, 0]  # [R, T], [R]
+    ge_all = np.cumsum(bins_all[::-1])[::-1][1:]  # [T]
     n_normal = masks.size - int(area.sum())
     if n_normal == 0:
         return math.nan
