@@ -58,32 +58,45 @@ class Product:
 
 
 class Evaluator:
-    """Finishes each product when the next one starts: metrics now, panels in worker threads."""
+    """Finishes each product when the next one starts: its metrics in a background thread while
+    the model runs on the next product, then its panels in writer threads."""
 
     def __init__(self, data_root: Path, save_path: Path, visualize: bool):
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
         self.rows: dict[str, dict] = {}
-        # seconds per stage; "panels" sums the writer threads' CPU time, "panels_wait" is the
-        # wall time the main thread waited for them
-        self.seconds = {"forward": 0.0, "metrics": 0.0, "panels": 0.0, "panels_wait": 0.0}
+        # seconds per stage; "metrics" and "panels" are the background threads' own time,
+        # "metrics_wait" / "panels_wait" the wall time the caller waited for them
+        self.seconds = {"forward": 0.0, "metrics": 0.0, "metrics_wait": 0.0, "panels": 0.0,
+                        "panels_wait": 0.0}
         self.current: Product | None = None
+        self.seen: set[str] = set()
+        self.metrics = ThreadPoolExecutor(max_workers=1)  # one product at a time, in order
+        self.job = None  # the previous product's metrics
         self.writer = ThreadPoolExecutor(max_workers=4) if visualize else None
         self.pending = []
 
     def add(self, product, raw, new, mask, label, path) -> None:
         if self.current is None or self.current.name != product:
             self.finish()
-            if product in self.rows:
+            if product in self.seen:
                 raise DataError(f"product {product!r} is not contiguous in the meta file")
+            self.seen.add(product)
             self.current = Product(product)
         c = self.current
         c.raw.append(raw), c.new.append(new), c.masks.append(mask)
         c.labels.append(label), c.paths.append(path)
 
     def finish(self) -> None:
+        """Hands the current product to the metrics thread once the previous one is done there:
+        memory holds at most three products (gathered, in metrics, panels being written)."""
         c, self.current = self.current, None
         if c is None:
             return
+        self._wait_for_metrics()
+        self.job = self.metrics.submit(self._evaluate, c)
+
+    def _evaluate(self, c: Product) -> None:
+        """Metrics of one product, then its panels handed to the writers (metrics thread)."""
         start = time.perf_counter()
         masks = np.stack(c.masks)
         row, pixel_maps = evaluate_product(np.stack(c.raw), np.stack(c.new), masks,
@@ -91,7 +104,7 @@ class Evaluator:
         self.rows[c.name] = row
         self.seconds["metrics"] += time.perf_counter() - start
         if self.writer:
-            self._wait_for_panels()  # the previous product's: memory stays at two products
+            self._wait_for_panels()  # the previous product's
             for path, amap, mask, label in zip(c.paths, pixel_maps, masks, c.labels):
                 self.pending.append(self.writer.submit(
                     self._panel, c.name, path, label, amap, mask, row["threshold"]))
@@ -106,6 +119,13 @@ class Evaluator:
         save_panel(out, np.asarray(image), amap, mask, threshold)
         return time.thread_time() - start
 
+    def _wait_for_metrics(self) -> None:
+        start = time.perf_counter()
+        job, self.job = self.job, None
+        if job is not None:
+            job.result()  # re-raises what the metrics thread raised
+        self.seconds["metrics_wait"] += time.perf_counter() - start
+
     def _wait_for_panels(self) -> None:
         start = time.perf_counter()
         self.seconds["panels"] += sum(job.result() for job in self.pending)
@@ -113,10 +133,15 @@ class Evaluator:
         self.seconds["panels_wait"] += time.perf_counter() - start
 
     def close(self) -> None:
-        self.finish()
-        if self.writer:
-            self._wait_for_panels()
-            self.writer.shutdown()
+        try:
+            self.finish()
+            self._wait_for_metrics()
+            if self.writer:
+                self._wait_for_panels()
+        finally:
+            self.metrics.shutdown(cancel_futures=True)
+            if self.writer:
+                self.writer.shutdown(cancel_futures=True)
 
 
 def write_results(rows: dict, save_path: Path, header: str) -> str:
