@@ -29,8 +29,8 @@ from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
                        build_model, check_output_folder, fail, read_checkpoint_and_config,
                        select_device)
-from utils.prediction import (OutputWriter, Prediction, Skipped, expand_inputs, predict_paths,
-                              torch_maps, unique_names)
+from utils.prediction import (OutputWriter, Prediction, Shard, Skipped, expand_inputs,
+                              predict_paths, torch_maps, unique_names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,25 +72,36 @@ def predictor(args: argparse.Namespace) -> Predictor:
                                        args.num_workers)
 
 
-def predict(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[str]]:
+    """This process's share of the inputs (all of them in a plain run); every process returns
+    the rows of all inputs in input order and the skipped paths."""
     if not args.inputs:
         raise UsageError("give INPUT images to segment, or --calibrate NORMAL")
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
+    if shard.world > 1 and not args.device:
+        args.device_id = shard.local_rank  # one accelerator per process, if there are any
     run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
-    names = unique_names(paths)
-    rows, failed = [], []
-    for result in tqdm(run(paths), total=len(paths), desc="predict", unit="image"):
+    names = unique_names(paths)  # over all inputs: the same in every process
+    mine = shard.indices(len(paths), args.batch_size)
+    rows, failed = {}, {}
+    for result in tqdm(run([paths[i] for i in mine]), total=len(mine), desc="predict",
+                       unit="image", disable=not shard.main):
+        index = mine[result.index]
         if isinstance(result, Prediction):
-            writer.write(names[result.index], result)
-            rows.append(result.row())
-        else:
+            writer.write(names[index], result)
+            rows[index] = result.row()
+        else:  # reported by the one process that owns the file
             warn_skipped(result)
-            failed.append(str(result.path))
-    writer.write_scores(rows)
+            failed[index] = str(result.path)
+    gathered = shard.gather((rows, failed))
+    rows = [r for i, r in sorted(i_r for part, _ in gathered for i_r in part.items())]
+    failed = [p for i, p in sorted(i_p for _, part in gathered for i_p in part.items())]
+    if shard.main:
+        writer.write_scores(rows)
     return rows, failed
 
 
@@ -151,16 +162,19 @@ def report_calibration(c: Calibration, held_out: list[float]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    shard = Shard()
     try:
         if args.calibrate is not None:
             report_calibration(*calibrate_threshold(args))
             return 0
-        rows, failed = predict(args)
+        with shard:
+            rows, failed = predict(args, shard)
     except INPUT_ERRORS as e:
         return fail(e)
-    print(f"{len(rows)} images segmented, {len(failed)} skipped")
-    for path in failed:
-        print(f"  skipped: {path}")
+    if shard.main:
+        print(f"{len(rows)} images segmented, {len(failed)} skipped")
+        for path in failed:
+            print(f"  skipped: {path}")
     return 0 if rows else 1
 
 

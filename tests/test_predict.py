@@ -80,3 +80,45 @@ def test_globs_and_nothing_readable(tmp_path, folder, tiny_archive, tiny_checkpo
     assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "f_corrupt.png") == 1
     assert run(tmp_path, tiny_archive, tiny_checkpoint, tmp_path / "nothing*.png") == 2
     assert "nothing*.png" in capsys.readouterr().err
+
+
+def test_two_torchrun_processes_write_the_same_files_as_one(tmp_path, folder, tiny_archive,
+                                                          tiny_checkpoint, capsys):
+    """Under torchrun each process segments its share; scores.csv (gathered, input order) and
+    every other file equal a plain run's, byte for byte; the corrupt file is reported once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(predict.__file__).resolve().parent
+    flags = [str(folder), "--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
+             str(tiny_archive), "--device", "cpu", "--num_workers", "0", "--batch_size", "2",
+             "--threshold", "0.5", "--save_maps"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(root / "predict.py"), *flags,
+                          "--save_path", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("warning: skipped") == 1 and "f_corrupt.png" in two.stderr
+    assert two.stdout.count("5 images segmented, 1 skipped") == 1
+    assert predict.main([*flags, "--save_path", str(tmp_path / "one")]) == 0
+    files = {run: sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run).rglob("*")
+                         if p.is_file()) for run in ("one", "two")}
+    assert files["one"] == files["two"] and len(files["one"]) == 1 + 3 * 5
+    for rel in files["one"]:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize("n,batch,world", [(6, 2, 2), (5, 2, 2), (1, 8, 2), (17, 4, 3), (10, 1, 4)])
+def test_shards_are_whole_batches_covering_every_input_once(monkeypatch, n, batch, world):
+    from utils.prediction import Shard
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    blocks = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        blocks.append(list(Shard().indices(n, batch)))
+    assert sum(blocks, []) == list(range(n))
+    assert all(b[0] % batch == 0 for b in blocks if b)
+    counts = [-(-len(b) // batch) for b in blocks]
+    assert max(counts) - min(counts) <= 1

@@ -14,12 +14,14 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,7 +33,7 @@ from utils.visualize import heatmap_overlay, write_png
 
 __all__ = ["IMAGE_SUFFIXES", "SCORE_FIELDS", "MapsFn", "Prediction", "Skipped", "expand_inputs",
            "read_rgb", "unique_names", "torch_maps", "predict_paths", "full_size", "overlay",
-           "binary_mask", "scores_csv", "OutputWriter"]
+           "binary_mask", "scores_csv", "OutputWriter", "Shard"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
@@ -198,3 +200,45 @@ class OutputWriter:
 
     def write_scores(self, rows: list[dict]) -> Path:
         return atomic_write(self.out / "scores.csv", scores_csv(rows))
+
+
+class Shard:
+    """This process's share of the inputs under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK), or
+    all of them in a plain run.
+
+    Process r takes a contiguous block of the input list and writes those outputs itself;
+    :meth:`gather` brings every process's (small) results to all of them, over gloo (CPU
+    objects only, whatever device the model runs on).
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def __enter__(self) -> "Shard":
+        if self.world > 1:
+            dist.init_process_group("gloo")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+    def indices(self, n: int, batch_size: int) -> range:
+        """Positions in the input list of this process's block: whole batches of a plain run
+        (their counts differ by at most 1), so every image meets the same batch neighbours and
+        gets the same numbers as in a plain run."""
+        batches = -(-n // batch_size)
+        first, last = (min(n, r * batches // self.world * batch_size)
+                       for r in (self.rank, self.rank + 1))
+        return range(first, last)
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj``, in rank order (``[obj]`` in a plain run)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
