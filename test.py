@@ -2,15 +2,18 @@
 
     python test.py --dataset mvtec --checkpoint_path ./vcp_weight/train_visa.pth
 
-Products are evaluated one at a time as the loader reaches them (they are contiguous in a meta
-file), so memory holds only the current product's maps.
+Products are evaluated as the loader reaches them (they are contiguous in a meta file): a
+product's metrics run in a background thread while the model runs on the next product, so the
+metrics keep up with the forward pass and memory holds the products in flight, never the dataset.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,23 +60,32 @@ class Product:
     paths: list = field(default_factory=list)
 
 
+def metric_threads() -> int:
+    """Products whose metrics run at once: 1 on a small machine, up to 4 with many cores
+    (NumPy's sorts and SciPy's filters release the GIL)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 class Evaluator:
     """Finishes each product when the next one starts: its metrics in a background thread while
-    the model runs on the next product, then its panels in writer threads."""
+    the model runs on the next products, then its panels in writer threads. Rows are collected
+    in product order; memory holds the products in flight, never the dataset."""
 
-    def __init__(self, data_root: Path, save_path: Path, visualize: bool):
+    def __init__(self, data_root: Path, save_path: Path, visualize: bool,
+                 threads: int | None = None):
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
         self.rows: dict[str, dict] = {}
         # seconds per stage; "metrics" and "panels" are the background threads' own time,
-        # "metrics_wait" / "panels_wait" the wall time the caller waited for them
+        # "metrics_wait" / "panels_wait" the wall time the main thread waited for them
         self.seconds = {"forward": 0.0, "metrics": 0.0, "metrics_wait": 0.0, "panels": 0.0,
                         "panels_wait": 0.0}
         self.current: Product | None = None
         self.seen: set[str] = set()
-        self.metrics = ThreadPoolExecutor(max_workers=1)  # one product at a time, in order
-        self.job = None  # the previous product's metrics
+        self.threads = threads or metric_threads()
+        self.metrics = ThreadPoolExecutor(max_workers=self.threads)
+        self.jobs: deque = deque()  # (product, future of (row, seconds, panel futures)), in order
         self.writer = ThreadPoolExecutor(max_workers=4) if visualize else None
-        self.pending = []
+        self.panels = []  # the last collected product's panel futures
 
     def add(self, product, raw, new, mask, label, path) -> None:
         if self.current is None or self.current.name != product:
@@ -87,27 +99,38 @@ class Evaluator:
         c.labels.append(label), c.paths.append(path)
 
     def finish(self) -> None:
-        """Hands the current product to the metrics thread once the previous one is done there:
-        memory holds at most three products (gathered, in metrics, panels being written)."""
+        """Hands the current product to a metrics thread, once one is free."""
         c, self.current = self.current, None
         if c is None:
             return
-        self._wait_for_metrics()
-        self.job = self.metrics.submit(self._evaluate, c)
+        while len(self.jobs) >= self.threads:
+            self._collect()
+        self.jobs.append((c.name, self.metrics.submit(self._evaluate, c)))
 
-    def _evaluate(self, c: Product) -> None:
+    def _evaluate(self, c: Product) -> tuple[dict, float, list]:
         """Metrics of one product, then its panels handed to the writers (metrics thread)."""
         start = time.perf_counter()
         masks = np.stack(c.masks)
         row, pixel_maps = evaluate_product(np.stack(c.raw), np.stack(c.new), masks,
                                            np.asarray(c.labels), c.name)
-        self.rows[c.name] = row
-        self.seconds["metrics"] += time.perf_counter() - start
-        if self.writer:
-            self._wait_for_panels()  # the previous product's
-            for path, amap, mask, label in zip(c.paths, pixel_maps, masks, c.labels):
-                self.pending.append(self.writer.submit(
-                    self._panel, c.name, path, label, amap, mask, row["threshold"]))
+        seconds = time.perf_counter() - start
+        panels = [self.writer.submit(self._panel, c.name, path, label, amap, mask,
+                                     row["threshold"])
+                  for path, amap, mask, label in zip(c.paths, pixel_maps, masks, c.labels)
+                  ] if self.writer else []
+        return row, seconds, panels
+
+    def _collect(self) -> None:
+        """The oldest product's row (re-raising what its thread raised); then waits for the
+        panels of the product before it, so at most two products' panels are pending."""
+        start = time.perf_counter()
+        name, job = self.jobs.popleft()
+        row, seconds, panels = job.result()
+        self.rows[name] = row
+        self.seconds["metrics"] += seconds
+        self.seconds["metrics_wait"] += time.perf_counter() - start
+        self._wait_for_panels()
+        self.panels = panels
 
     def _panel(self, product: str, rel_path: str, label: int, amap: np.ndarray,
                mask: np.ndarray, threshold: float) -> float:
@@ -119,25 +142,18 @@ class Evaluator:
         save_panel(out, np.asarray(image), amap, mask, threshold)
         return time.thread_time() - start
 
-    def _wait_for_metrics(self) -> None:
-        start = time.perf_counter()
-        job, self.job = self.job, None
-        if job is not None:
-            job.result()  # re-raises what the metrics thread raised
-        self.seconds["metrics_wait"] += time.perf_counter() - start
-
     def _wait_for_panels(self) -> None:
         start = time.perf_counter()
-        self.seconds["panels"] += sum(job.result() for job in self.pending)
-        self.pending = []
+        self.seconds["panels"] += sum(job.result() for job in self.panels)
+        self.panels = []
         self.seconds["panels_wait"] += time.perf_counter() - start
 
     def close(self) -> None:
         try:
             self.finish()
-            self._wait_for_metrics()
-            if self.writer:
-                self._wait_for_panels()
+            while self.jobs:
+                self._collect()
+            self._wait_for_panels()
         finally:
             self.metrics.shutdown(cancel_futures=True)
             if self.writer:

@@ -126,3 +126,17 @@ def test_btad_style_conversion_is_read_by_test_py(tmp_path, tiny_archive, tiny_c
     out = capsys.readouterr().out
     assert code == 0 and re.search(r"\| 01 +\|", out) and re.search(r"\| 02 +\|", out)
     assert len(list((tmp_path / "out" / "imgs").rglob("*.png"))) == 8
+
+
+def test_several_metric_threads_give_the_same_table(tmp_path, tiny_archive, tiny_checkpoint,
+                                                    monkeypatch):
+    """Products evaluated concurrently: the same rows, in the meta file's product order."""
+    from conftest import make_dataset
+    data = make_dataset(tmp_path / "root", "toy", {p: (2, 2) for p in ("c", "a", "d", "b")})
+    _, one = run_test(tmp_path / "one", data, tiny_archive, tiny_checkpoint)
+    monkeypatch.setattr(test_script, "metric_threads", lambda: 3)
+    _, three = run_test(tmp_path / "three", data, tiny_archive, tiny_checkpoint)
+    got = [json.loads((out / "metrics.json").read_text()) for out in (one, three)]
+    assert list(got[0]["products"]) == list(got[1]["products"])
+    assert json.dumps(got[0]) == json.dumps(got[1])
+    assert len(list((three / "imgs").rglob("*.png"))) == 16
