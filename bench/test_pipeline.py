@@ -13,7 +13,8 @@ Three runs over the same data, model and loader settings:
     template, every map of the dataset held until the end, then per product scikit-learn's
     metrics called one by one, the per-threshold AUPRO loop and the panels written one by one.
 Prints the wall times, end-to-end / forward-only, and peak traced (NumPy / Python) memory.
-The last line is the reference's way / ours, end to end: ``speedup: 12.3x``.
+The last line is the reference's way / ours, end to end: ``speedup: 12.3x`` (not printed with
+``--no_reference``).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="test.py's --precision (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--work_dir", default=None, help="default: a temporary folder")
+    p.add_argument("--no_reference", action="store_true",
+                   help="only forward-only and ours (e.g. peak memory against --products)")
     args = p.parse_args(argv)
     if not 1 <= args.products <= len(SOURCES):
         p.error(f"--products: expected 1 to {len(SOURCES)}, got {args.products}")
@@ -188,6 +191,8 @@ def main(argv=None) -> None:
               f"in it forward {s['forward']:.1f} s, metrics {s['metrics']:.1f} s in a thread "
               f"({s['metrics_wait']:.1f} s waited), panels {s['panels']:.1f} s CPU in 4 threads "
               f"({s['panels_wait']:.1f} s waited); peak traced memory {peak / 2**20:.0f} MiB")
+        if args.no_reference:
+            return
         ref, ref_wall, ref_peak = traced(reference_way, work, data, archive, checkpoint, args)
         print(f"reference way: {ref_wall:.1f} s end to end; forward {ref['forward']:.1f} s, "
               f"metrics {ref['metrics']:.1f} s, panels {ref['panels']:.1f} s; peak traced memory "
