@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 import predict
 from utils.calibration import calibrate
-from utils.cli import INPUT_ERRORS, UsageError, add_model_flags, fail
+from utils.cli import INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least, fail
 from utils.prediction import (Prediction, binary_mask, expand_inputs, full_size, overlay, read_rgb,
                               scores_csv, unique_names)
 from utils.visualize import png_bytes
@@ -328,13 +328,13 @@ def create_app(inspector: Inspector) -> Starlette:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="The inspection page: images, heat maps, masks, "
-                                            "the threshold and its calibration in a browser")
+    p = ArgumentParser(description="The inspection page: images, heat maps, masks, the "
+                                   "threshold and its calibration in a browser")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=at_least(0), default=7860, help="default 7860; 0: any free one")
     p.add_argument("--threshold", type=float, default=0.5, help="the slider's first position")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=at_least(1), default=8)
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
     add_model_flags(p)
     return p.parse_args(argv)
@@ -353,8 +353,8 @@ def listen(host: str, port: int) -> socket.socket:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        sock = listen(args.host, args.port)  # a taken port fails before the model loads
         predict_images = predict.predictor(args)
-        sock = listen(args.host, args.port)
     except INPUT_ERRORS as e:
         return fail(e)
     inspector = Inspector(predict_images, args.threshold, f"checkpoint {args.checkpoint_path}")

@@ -208,6 +208,20 @@ def test_calibrate_job(served, images):
     assert "none of the normal images" in failed["error"]
 
 
+def test_command_line_errors(tmp_path, tiny_archive, capsys):
+    import app
+    taken = app.listen("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        for flags, message in [(["--port", port], f"--port {port}: cannot listen there"),
+                               (["--port", "0", "--checkpoint_path", str(tmp_path / "none.pth")], "none.pth")]:
+            assert app.main(["--pretrained_path", str(tiny_archive), *flags]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err and "Traceback" not in err
+    finally:
+        taken.close()
+
+
 # ---- the page in a real browser ------------------------------------------------------------
 def find_browser() -> tuple[str, str] | None:
     browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
