@@ -213,8 +213,9 @@ def test_command_line_errors(tmp_path, tiny_archive, capsys):
     taken = app.listen("127.0.0.1", 0)
     try:
         port = str(taken.getsockname()[1])
+        missing = ["--port", "0", "--checkpoint_path", str(tmp_path / "none.pth")]
         for flags, message in [(["--port", port], f"--port {port}: cannot listen there"),
-                               (["--port", "0", "--checkpoint_path", str(tmp_path / "none.pth")], "none.pth")]:
+                               (missing, "none.pth")]:
             assert app.main(["--pretrained_path", str(tiny_archive), *flags]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and message in err and "Traceback" not in err
