@@ -1,4 +1,4 @@
-"""Threshold calibration: T against a brute-force oracle in exact arithmetic and numpy's quantile."""
+"""Threshold calibration: T against an exact-arithmetic oracle and numpy's quantile; the command."""
 import math
 from fractions import Fraction
 
