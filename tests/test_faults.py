@@ -14,6 +14,7 @@ import predict as predict_script
 import test as test_script
 import train as train_script
 from dataset import make_dataset_new, make_meta
+from conftest import TINY_CONFIG
 from model import CLIPConfig
 from utils.random_clip import write_openai_archive
 
@@ -62,8 +63,8 @@ SCRIPTS = {"test": (test_script, argv_test_py), "train": (train_script, argv_tra
 
 
 def other_backbone(env):
-    """Weights of another architecture (wider text tower) than the checkpoint was trained on."""
-    raw = json.loads(Path("configs/tiny.json").read_text())
+    """Weights of another architecture (a deeper text tower) than the checkpoint was trained on."""
+    raw = json.loads(TINY_CONFIG.read_text())
     raw["text_cfg"]["layers"] = 5
     return write_openai_archive(CLIPConfig.from_json_dict(raw), env["tmp"] / "other.pt")
 
@@ -93,8 +94,8 @@ def a_file(env) -> Path:
     return env["tmp"] / "plain_file"
 
 
-# (name, script, flags or (argv -> argv) edit, what the error line must name)
-# Each edit gets the env and returns extra flags (later flags override earlier ones).
+# (name, script, break: env -> extra flags (later flags override earlier ones; it may also damage
+# the env's files), what the error must name)
 CASES = [
     ("config not JSON", "test", lambda e: ["--config_path", not_json(e["tmp"] / "bad.json")],
      "bad.json"),
