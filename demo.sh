@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The offline demo (`make demo`): build a small synthetic anomaly dataset from the photographs that
 # scikit-image ships, train VCP-CLIP on seven "auxiliary" products and test it zero-shot on six
-# products it has never seen -- with the real conversion, train.py and test.py. About 4 minutes
-# on 2 CPU cores. Everything goes to demo_output/ (git-ignored).
+# products it has never seen -- with the real conversion, train.py and test.py -- then once more
+# with 4 normal images of each unseen product as few-shot references. About 4 minutes on 2 CPU
+# cores. Everything goes to demo_output/ (git-ignored).
 #
 # The backbone is a small *randomly initialised* CLIP (no pretrained CLIP can be downloaded
 # offline), so the numbers show that the VCP parts learn, and say nothing about the paper's.
@@ -23,17 +24,18 @@ CONFIG=configs/demo.json
 # One BLAS/OpenMP thread: on a busy machine two threads per process can spin-wait for each other
 # and slow training by 10x; with one thread the demo takes about the same time idle or busy.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-rm -rf "$OUT/checkpoints" "$OUT/results"  # no stale checkpoints, logs or heat maps of a past run
+rm -rf "$OUT/checkpoints" "$OUT/results" "$OUT/results_4shot"  # nothing stale of a past run
 
-echo "== 1/5 synthetic data (seed $SEED) -> $OUT/synthetic"
+echo "== 1/6 synthetic data (seed $SEED) -> $OUT/synthetic"
 # 256 px photos, 10 normal + 30 anomalous images per product (stains, scratches, missing pieces,
-# colour shifts with exact masks). The target products are never seen in training.
+# colour shifts with exact masks). The target products are never seen in training; each also
+# gets 4 normal training images (train/), the references of step 6 (they change no other image).
 python dataset/synthetic.py --out_path "$OUT/synthetic" --seed "$SEED" --size 256 \
-    --n_good 10 --n_anomalous 30 \
+    --n_good 10 --n_anomalous 30 --target_n_train 4 \
     --aux brick,gravel,coffee,astronaut,tissue,rocket,camera \
     --target grass,chelsea,retina,coins,moon,page
 
-echo "== 2/5 standardized layout + meta files -> $DATA"
+echo "== 2/6 standardized layout + meta files -> $DATA"
 python dataset/make_dataset_new.py --dataset demoaux --layout folder \
     --src_path "$OUT/synthetic/src_aux" --dst_path "$DATA"
 python dataset/make_dataset_new.py --dataset demotarget --layout folder \
@@ -41,10 +43,10 @@ python dataset/make_dataset_new.py --dataset demotarget --layout folder \
 python dataset/make_meta.py --data_path "$DATA" --dataset demoaux
 python dataset/make_meta.py --data_path "$DATA" --dataset demotarget
 
-echo "== 3/5 a random CLIP ($CONFIG, seed $CLIP_SEED) as an OpenAI TorchScript archive -> $CLIP"
+echo "== 3/6 a random CLIP ($CONFIG, seed $CLIP_SEED) as an OpenAI TorchScript archive -> $CLIP"
 python -c "from model import CLIPConfig; from utils.random_clip import write_openai_archive as w; print('wrote', w(CLIPConfig.from_json('$CONFIG'), '$CLIP', seed=$CLIP_SEED))"
 
-echo "== 4/5 train on demoaux (the backbone stays frozen; only the VCP parts learn)"
+echo "== 4/6 train on demoaux (the backbone stays frozen; only the VCP parts learn)"
 # configs/demo.json: ViT with 2 blocks of width 256 (4 heads; Post-VCP's 8 heads need width % 8
 # == 0) on 8 px patches of 128 px images (a 16x16 grid), text tower of 2 blocks of width 128
 # (= embed_dim, 2 heads), so --total_d_layer_len 1. Both vision blocks are tapped: a random
@@ -63,9 +65,17 @@ python train.py --dataset demoaux --train_data_path "$DATA" --val_data_path "$DA
     --epoch "$EPOCHS" --batch_size 16 --learning_rate 1e-3 --save_freq "$EPOCHS" --seed "$SEED" \
     --num_workers 0
 
-echo "== 5/5 zero-shot test on the unseen demotarget products"
+echo "== 5/6 zero-shot test on the unseen demotarget products"
 python test.py --dataset demotarget --data_path "$DATA" \
     --checkpoint_path "$OUT/checkpoints/epoch_${EPOCHS}_group_id_2.pth" \
     --pretrained_path "$CLIP" --config_path "$CONFIG" --save_path "$OUT/results" --num_workers 0
 
-echo "metric table: $OUT/results/log.txt; heat maps: $OUT/results/imgs/<product>/{anomaly,good}/"
+echo "== 6/6 few-shot: the same test with 4 normal train images per product as references"
+# Beyond the paper (README, 'Few-shot and mutual scoring'): each test patch is also compared with
+# the references' patches, and that map is fused with the zero-shot maps.
+python test.py --dataset demotarget --data_path "$DATA" \
+    --checkpoint_path "$OUT/checkpoints/epoch_${EPOCHS}_group_id_2.pth" \
+    --pretrained_path "$CLIP" --config_path "$CONFIG" --save_path "$OUT/results_4shot" \
+    --num_workers 0 --no_vis --k_shot 4 | sed -n '1p;$p'  # the header and the mean row
+
+echo "metric table: $OUT/results/log.txt (4-shot: $OUT/results_4shot/log.txt); heat maps: $OUT/results/imgs/<product>/{anomaly,good}/"

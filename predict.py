@@ -14,6 +14,14 @@ itself lives in ``utils/prediction.py``; this script only wires flags to it.
 prints T, the threshold at which at most that share of the normal images has a pixel above T
 (``utils/calibration.py`` states the quantile exactly), with the recall on the defective images
 and the false-alarm rate on other normal images.
+
+Beyond zero-shot (README, 'Few-shot and mutual scoring'): ``--reference good/`` compares every
+patch with those of your normal images, ``--mutual`` with those of the other images in the same
+folder; the images are then scored folder by folder and the patch map is fused with the
+zero-shot maps (``--fusion``).
+
+    python predict.py line3/ --reference line3_good/*.png --checkpoint_path ...
+    python predict.py batch_monday/ batch_tuesday/ --mutual --checkpoint_path ...
 """
 from __future__ import annotations
 
@@ -25,11 +33,14 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from model.patch_scoring import MUTUAL_FRACTION
 from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
                        build_model, check_output_folder, fail, read_checkpoint_and_config,
                        select_device)
-from utils.prediction import (OutputWriter, Prediction, Shard, Skipped, expand_inputs,
+from utils.metrics import FUSIONS
+from utils.prediction import (OutputWriter, PatchScoring, Prediction, Shard, Skipped,
+                              expand_inputs, folder_groups, memory_of, predict_groups,
                               predict_paths, torch_maps, unique_names)
 
 
@@ -53,6 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="defective images: also print the recall at T")
     c.add_argument("--held_out", metavar="NORMAL", default=None,
                    help="other normal images: also print their false-alarm rate at T")
+    g = p.add_argument_group("beyond zero-shot (ours)")
+    g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
+                   help="normal images (files, folders or globs) to compare every patch with; "
+                        "put it after the inputs")
+    g.add_argument("--mutual", action="store_true",
+                   help="compare every image with the other images of its folder (no labels)")
+    g.add_argument("--fusion", choices=FUSIONS, default=FUSIONS[0],
+                   help="how the patch map joins the zero-shot maps (default %(default)s)")
+    g.add_argument("--mutual_fraction", type=float, default=MUTUAL_FRACTION,
+                   help="mutual score: mean of this smallest fraction of the nearest distances "
+                        "to the other images (default %(default)s)")
     add_model_flags(p)
     return p.parse_args(argv)
 
@@ -63,13 +85,44 @@ Predictor = Callable[[list[Path]], Iterator[Prediction | Skipped]]
 
 def predictor(args: argparse.Namespace) -> Predictor:
     """The model and scoring the flags name, as one function of the image paths: what
-    ``predict``, ``--calibrate`` and the inspection page (app.py) run."""
+    ``predict``, ``--calibrate`` and the inspection page (app.py) run. With ``--reference`` or
+    ``--mutual`` the images are scored folder by folder (``predict_groups``)."""
+    references = reference_paths(args)
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     device = select_device(args)
     model = build_model(args, cfg, payload, device, args.checkpoint_path)
-    maps_fn = torch_maps(model, device, args.precision)
-    return lambda paths: predict_paths(paths, maps_fn, cfg.image_size, args.batch_size,
-                                       args.num_workers)
+    if references is None and not args.mutual:
+        maps_fn = torch_maps(model, device, args.precision)
+        return lambda paths: predict_paths(paths, maps_fn, cfg.image_size, args.batch_size,
+                                           args.num_workers)
+    memory = references and memory_of(references, model, device, args.precision,
+                                      cfg.image_size, args.batch_size)
+    scoring = PatchScoring(model, device, args.precision, args.fusion, memory,
+                           args.mutual_fraction)
+    return lambda paths: predict_groups(paths, scoring, cfg.image_size, args.batch_size,
+                                        args.num_workers)
+
+
+def reference_paths(args: argparse.Namespace) -> list[Path] | None:
+    """The ``--reference`` images (None without the flag); fails before any model work."""
+    if args.reference is not None and args.mutual:
+        raise UsageError("--reference and --mutual: choose one")
+    if not 0 < args.mutual_fraction <= 1:
+        raise UsageError(f"--mutual_fraction must be in (0, 1], got {args.mutual_fraction}")
+    if args.reference is None:
+        return None
+    references = expand_inputs(args.reference)
+    if not references:
+        raise UsageError(f"--reference: no images found in {args.reference}")
+    return references
+
+
+def check_mutual_folders(args: argparse.Namespace, paths: list[Path]) -> None:
+    if args.mutual:
+        lone = [str(paths[g[0]].parent) for g in folder_groups(paths) if len(g) < 2]
+        if lone:
+            raise UsageError(f"--mutual compares each image with the others of its folder; "
+                             f"these folders have one image: {', '.join(lone)}")
 
 
 def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[str]]:
@@ -81,8 +134,12 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
+    if shard.world > 1 and (args.reference is not None or args.mutual):
+        raise UsageError("--reference and --mutual score the images folder by folder in one "
+                         "process: run them without torchrun")
     if shard.world > 1 and not args.device:
         args.device_id = shard.local_rank  # one accelerator per process, if there are any
+    check_mutual_folders(args, paths)
     run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)  # over all inputs: the same in every process
@@ -106,7 +163,7 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
 
 
 def warn_skipped(skipped: Skipped) -> None:
-    print(f"warning: skipped {skipped.path}: cannot read it ({skipped.reason})", file=sys.stderr)
+    print(f"warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
 
 
 def max_pixel_scores(run: Predictor, paths: list[Path], desc: str) -> list[float]:

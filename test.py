@@ -5,6 +5,12 @@
 Products are evaluated as the loader reaches them (they are contiguous in a meta file): a
 product's metrics run in a background thread while the model runs on the next product, so the
 metrics keep up with the forward pass and memory holds the products in flight, never the dataset.
+
+Beyond zero-shot (ours; README, 'Few-shot and mutual scoring'): ``--k_shot K`` compares every test
+patch with the patches of K normal images of the product's train split, ``--mutual`` with those
+of the product's other test images; the patch-score map is fused with each zero-shot branch
+(``--fusion``) before the protocol's smoothing, normalization and metrics. Without these flags
+the numbers are the paper's zero-shot ones, bit for bit.
 """
 from __future__ import annotations
 
@@ -24,17 +30,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, at_least, autocast,
-                       build_model, check_output_folder, fail, read_checkpoint_and_config,
-                       seed_everything, select_device)
-from utils.data import AnomalyDataset, DataError
+from model.patch_scoring import MUTUAL_FRACTION, mutual_score, reference_score, score_map
+from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
+                       autocast, build_model, check_output_folder, fail,
+                       read_checkpoint_and_config, seed_everything, select_device)
+from utils.data import AnomalyDataset, DataError, choose_references
 from utils.files import atomic_write
-from utils.metrics import evaluate_product, format_table, mean_row
+from utils.metrics import FUSIONS, evaluate_product, format_table, fuse_maps, mean_row
+from utils.prediction import memory_of
 from utils.visualize import save_panel
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description="Zero-shot anomaly segmentation test of VCP-CLIP")
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Zero-shot anomaly segmentation test of VCP-CLIP",
+                       add_help=add_help)
     p.add_argument("--data_path", default="./dataset/mvisa/data", help="standardized data root")
     p.add_argument("--save_path", default="./results/test", help="log.txt, metrics.json, imgs/")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
@@ -45,7 +54,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=at_least(1), default=8)
     g.add_argument("--num_workers", type=at_least(0), default=2)
     g.add_argument("--no_vis", action="store_true", help="skip the heat-map panels")
-    return p.parse_args(argv)
+    g = p.add_argument_group("beyond zero-shot (ours)")
+    g.add_argument("--k_shot", type=at_least(0), default=0,
+                   help="K normal train images per product as references (default 0: zero-shot)")
+    g.add_argument("--mutual", action="store_true",
+                   help="score each test image against the product's other test images")
+    g.add_argument("--mutual_fraction", type=float, default=MUTUAL_FRACTION,
+                   help="mutual score: mean of this smallest fraction of the nearest distances "
+                        "to the other images (default %(default)s, MuSc's)")
+    g.add_argument("--fusion", choices=FUSIONS, default=FUSIONS[0],
+                   help="how the patch-score map joins the zero-shot maps (default %(default)s)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_scoring_flags(args: argparse.Namespace) -> None:
+    if args.k_shot and args.mutual:
+        raise UsageError("--k_shot and --mutual: choose one")
+    if not 0 < args.mutual_fraction <= 1:
+        raise UsageError(f"--mutual_fraction must be in (0, 1], got {args.mutual_fraction}")
 
 
 @dataclass
@@ -58,6 +88,8 @@ class Product:
     masks: list = field(default_factory=list)  # [S,S] bool
     labels: list = field(default_factory=list)
     paths: list = field(default_factory=list)
+    patch: list = field(default_factory=list)  # [S,S] float32 patch-score maps (--k_shot, --mutual)
+    tokens: list = field(default_factory=list)  # per image, per layer [L,W] (--mutual)
 
 
 def metric_threads() -> int:
@@ -72,13 +104,19 @@ class Evaluator:
     in product order; memory holds the products in flight, never the dataset."""
 
     def __init__(self, data_root: Path, save_path: Path, visualize: bool,
-                 threads: int | None = None):
+                 threads: int | None = None, fusion: str | None = None,
+                 mutual_fraction: float = MUTUAL_FRACTION):
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
+        self.fusion = fusion  # how a patch-score map joins the zero-shot maps, if there is one
+        self.mutual_fraction = mutual_fraction
         self.rows: dict[str, dict] = {}
+        self.images = 0
         # seconds per stage; "metrics" and "panels" are the background threads' own time,
         # "metrics_wait" / "panels_wait" the wall time the main thread waited for them
         self.seconds = {"forward": 0.0, "metrics": 0.0, "metrics_wait": 0.0, "panels": 0.0,
                         "panels_wait": 0.0}
+        if fusion:
+            self.seconds["patch_scoring"] = 0.0
         self.current: Product | None = None
         self.seen: set[str] = set()
         self.threads = threads or metric_threads()
@@ -87,7 +125,9 @@ class Evaluator:
         self.writer = ThreadPoolExecutor(max_workers=4) if visualize else None
         self.panels = []  # the last collected product's panel futures
 
-    def add(self, product, raw, new, mask, label, path) -> None:
+    def add(self, product, raw, new, mask, label, path, patch=None, tokens=None) -> None:
+        """One test image; ``patch`` its reference score map [S,S], ``tokens`` its patch tokens
+        per layer [L,W] (mutual scoring waits for the whole product)."""
         if self.current is None or self.current.name != product:
             self.finish()
             if product in self.seen:
@@ -95,24 +135,47 @@ class Evaluator:
             self.seen.add(product)
             self.current = Product(product)
         c = self.current
+        self.images += 1
         c.raw.append(raw), c.new.append(new), c.masks.append(mask)
         c.labels.append(label), c.paths.append(path)
+        if patch is not None:
+            c.patch.append(patch)
+        if tokens is not None:
+            c.tokens.append(tokens)
 
     def finish(self) -> None:
-        """Hands the current product to a metrics thread, once one is free."""
+        """Hands the current product to a metrics thread, once one is free; with ``--mutual``
+        its patches are scored first, here, so that one product's tokens are held at a time."""
         c, self.current = self.current, None
         if c is None:
             return
+        self._mutual_scores(c)
         while len(self.jobs) >= self.threads:
             self._collect()
         self.jobs.append((c.name, self.metrics.submit(self._evaluate, c)))
 
+    def _mutual_scores(self, c: Product) -> None:
+        """The product's tokens -> its mutual score maps in ``c.patch`` (on the model's device)."""
+        if not c.tokens:
+            return
+        start = time.perf_counter()
+        size = c.raw[0].shape[-1]
+        with torch.inference_mode():  # one stacked layer at a time: [N, L, W]
+            layers = (torch.stack([t[i] for t in c.tokens]) for i in range(len(c.tokens[0])))
+            scores = mutual_score(layers, self.mutual_fraction)  # [N, L]
+            c.patch = list(score_map(scores, size).cpu().numpy())
+        c.tokens = []
+        self.seconds["patch_scoring"] += time.perf_counter() - start
+
     def _evaluate(self, c: Product) -> tuple[dict, float, list]:
         """Metrics of one product, then its panels handed to the writers (metrics thread)."""
         start = time.perf_counter()
+        raw, new = np.stack(c.raw), np.stack(c.new)
+        if c.patch:
+            patch = np.stack(c.patch)
+            raw, new = fuse_maps(raw, patch, self.fusion), fuse_maps(new, patch, self.fusion)
         masks = np.stack(c.masks)
-        row, pixel_maps = evaluate_product(np.stack(c.raw), np.stack(c.new), masks,
-                                           np.asarray(c.labels), c.name)
+        row, pixel_maps = evaluate_product(raw, new, masks, np.asarray(c.labels), c.name)
         seconds = time.perf_counter() - start
         panels = [self.writer.submit(self._panel, c.name, path, label, amap, mask,
                                      row["threshold"])
@@ -160,45 +223,97 @@ class Evaluator:
                 self.writer.shutdown(cancel_futures=True)
 
 
-def write_results(rows: dict, save_path: Path, header: str) -> str:
+def write_results(rows: dict, save_path: Path, header: str, scoring: dict | None = None) -> str:
+    """The table to log.txt (appended) and metrics.json; ``scoring`` says how maps were scored
+    beyond zero-shot (and lists the reference images)."""
     table = format_table(rows)
     save_path.mkdir(parents=True, exist_ok=True)
     with open(save_path / "log.txt", "a") as log:
-        log.write(f"{header}\n{table}\n")
+        log.write(f"{header}\n")
+        if scoring:
+            log.write(f"scoring: {json.dumps(scoring)}\n")
+        log.write(f"{table}\n")
     keys = list(next(iter(rows.values()), {}))
     payload = {"products": rows, "mean": mean_row(rows, keys)}
+    if scoring:
+        payload["scoring"] = scoring
     atomic_write(save_path / "metrics.json", json.dumps(payload, indent=2))
     return table
+
+
+def scoring_of(args: argparse.Namespace, references: dict) -> dict | None:
+    """How the maps are scored beyond zero-shot (None: zero-shot)."""
+    if args.k_shot:
+        return {"k_shot": args.k_shot, "fusion": args.fusion, "references": references}
+    if args.mutual:
+        return {"mutual": True, "fusion": args.fusion, "fraction": args.mutual_fraction}
+    return None
+
+
+class ReferenceMaps:
+    """Reference score maps of a batch; each product's memory is built from its chosen train
+    images when its first test image arrives, and only the current product's is kept."""
+
+    def __init__(self, references: dict[str, list[str]], build):
+        self.references, self.build = references, build  # build(paths) -> memory
+        self.product, self.memory = None, None
+
+    def __call__(self, products: list[str], patch_tokens: list[torch.Tensor],
+                 size: int) -> np.ndarray:
+        out = np.empty((len(products), size, size), np.float32)  # [B, S, S]
+        for product in dict.fromkeys(products):
+            if product != self.product:
+                self.product, self.memory = product, self.build(self.references[product])
+            rows = [i for i, p in enumerate(products) if p == product]
+            scores = reference_score([t[rows] for t in patch_tokens], self.memory)  # [b, L]
+            out[rows] = score_map(scores, size).cpu().numpy()
+        return out
 
 
 def run(args: argparse.Namespace) -> Evaluator:
     seed_everything(args.seed)
     # everything that can be wrong with the inputs fails here, before any model work
+    check_scoring_flags(args)
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     dataset = AnomalyDataset(args.data_path, args.dataset, "test", image_size=cfg.image_size)
     check_output_folder(args.save_path, "--save_path")
+    references = (choose_references(args.data_path, args.dataset, dataset.products, args.k_shot,
+                                    args.seed) if args.k_shot else {})
     device = select_device(args)
     model = build_model(args, cfg, payload, device, args.checkpoint_path)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     save_path = Path(args.save_path)
-    evaluator = Evaluator(Path(args.data_path), save_path, not args.no_vis)
+    scoring = scoring_of(args, references)
+    evaluator = Evaluator(Path(args.data_path), save_path, not args.no_vis,
+                          fusion=args.fusion if scoring else None,
+                          mutual_fraction=args.mutual_fraction)
+    root = Path(args.data_path)
+    reference_maps = ReferenceMaps(references, lambda paths: memory_of(
+        [root / p for p in paths], model, device, args.precision, cfg.image_size,
+        args.batch_size)) if references else None
     start = time.time()
     with torch.inference_mode(), autocast(device, args.precision):
         for batch in tqdm(loader, desc=f"test {args.dataset}", unit="batch"):
             tick = time.perf_counter()
-            raw, new = model(batch["image"].to(device, non_blocking=True)).abnormal()
-            raw, new = raw.float().cpu().numpy(), new.float().cpu().numpy()
+            maps = model(batch["image"].to(device, non_blocking=True))
+            raw, new = (m.float().cpu().numpy() for m in maps.abnormal())
             evaluator.seconds["forward"] += time.perf_counter() - tick
+            patch = None
+            if reference_maps:
+                tick = time.perf_counter()
+                patch = reference_maps(batch["product"], maps.patch_tokens, raw.shape[-1])
+                evaluator.seconds["patch_scoring"] += time.perf_counter() - tick
             masks = batch["mask"][:, 0].numpy() > 0.5
             for i, product in enumerate(batch["product"]):
                 evaluator.add(product, raw[i], new[i], masks[i], int(batch["anomaly"][i]),
-                              batch["path"][i])
+                              batch["path"][i], None if patch is None else patch[i],
+                              [t[i] for t in maps.patch_tokens] if args.mutual else None)
     evaluator.close()
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in evaluator.seconds.items())
     header = (f"dataset {args.dataset}, checkpoint {args.checkpoint_path}, "
               f"{len(dataset)} images, {time.time() - start:.1f} s ({stages})")
-    print(write_results(evaluator.rows, save_path, header))
+    print(write_results(evaluator.rows, save_path, header, scoring))
     return evaluator
 
 

@@ -23,6 +23,7 @@ Output: two source roots in the plain *folder* layout (``dataset/layouts/folder.
 
     <out_path>/src_aux/<product>/{good,anomaly,masks}/*.png      auxiliary (training) products
     <out_path>/src_target/<product>/{good,anomaly,masks}/*.png   unseen target products
+    <out_path>/src_target/<product>/train/*.png    with --target_n_train: normal references
 
 which ``dataset/make_dataset_new.py --layout folder`` converts like any user-made dataset.
 Everything is a deterministic function of ``--seed`` (and the other arguments); each product
@@ -332,9 +333,15 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def write_product(root: Path, product: str, n_good: int, n_anomalous: int, size: int,
-                  seed: int) -> int:
-    """Write one product folder ``root/<product>/{good,anomaly,masks}``; return its image count."""
-    count = 0
+                  seed: int, n_train: int = 0) -> int:
+    """Write one product folder ``root/<product>/{good,anomaly,masks}`` and, with ``n_train``, its
+    normal training images ``train/`` (few-shot references; drawn from a generator of their own,
+    so they change no other image); return its image count."""
+    rng = _product_rng(seed, f"{product}/train")
+    source, photo = SOURCES[product], load_source(product)
+    for i in range(n_train):
+        _save_png(root / product / "train" / f"{i:03d}.png", normal_image(photo, source, size, rng))
+    count = n_train
     for stem, kind, image, mask in make_product(product, n_good, n_anomalous, size, seed):
         if kind is None:
             _save_png(root / product / "good" / f"{stem}.png", image)
@@ -348,7 +355,7 @@ def write_product(root: Path, product: str, n_good: int, n_anomalous: int, size:
 def generate(out_path, aux: Sequence[str] = DEFAULT_AUX, target: Sequence[str] = DEFAULT_TARGET,
              size: int = 256, n_good: int = 10, n_anomalous: int = 30,
              target_n_good: Optional[int] = None, target_n_anomalous: Optional[int] = None,
-             seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
+             seed: int = 0, progress: bool = True, target_n_train: int = 0) -> tuple[Path, Path]:
     """Write ``<out_path>/src_aux`` and ``<out_path>/src_target``; return the two roots.
 
     Those two folders are deleted first if they exist (a stale image would change the data);
@@ -363,22 +370,25 @@ def generate(out_path, aux: Sequence[str] = DEFAULT_AUX, target: Sequence[str] =
         raise ValueError(f"unknown products {unknown} (expected some of {', '.join(SOURCES)})")
     if not aux or not target:
         raise ValueError("both the auxiliary and the target group need at least one product")
-    if size < 32 or n_good < 0 or n_anomalous < 1:
-        raise ValueError("need --size >= 32, --n_good >= 0 and --n_anomalous >= 1")
+    if size < 32 or n_good < 0 or n_anomalous < 1 or target_n_train < 0:
+        raise ValueError("need --size >= 32, --n_good >= 0, --n_anomalous >= 1 and "
+                         "--target_n_train >= 0")
     out = Path(out_path)
     roots = out / "src_aux", out / "src_target"
-    jobs = [(roots[0], p, n_good, n_anomalous) for p in aux]
+    jobs = [(roots[0], p, n_good, n_anomalous, 0) for p in aux]
     jobs += [(roots[1], p, n_good if target_n_good is None else target_n_good,
-              n_anomalous if target_n_anomalous is None else target_n_anomalous) for p in target]
+              n_anomalous if target_n_anomalous is None else target_n_anomalous, target_n_train)
+             for p in target]
     for root in roots:
         if root.exists():
             shutil.rmtree(root)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(g + a for _, _, g, a in jobs), desc="synthetic images", unit="img")
-    for root, product, good, anomalous in jobs:
-        written = write_product(root, product, good, anomalous, size, seed)
+        bar = tqdm(total=sum(g + a + t for _, _, g, a, t in jobs), desc="synthetic images",
+                   unit="img")
+    for root, product, good, anomalous, train in jobs:
+        written = write_product(root, product, good, anomalous, size, seed, train)
         if bar is not None:
             bar.update(written)
     if bar is not None:
@@ -405,6 +415,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--n_anomalous", type=int, default=30, help="anomalous images per product")
     p.add_argument("--target_n_good", type=int, default=None, help="default --n_good")
     p.add_argument("--target_n_anomalous", type=int, default=None, help="default --n_anomalous")
+    p.add_argument("--target_n_train", type=int, default=0,
+                   help="normal training images per target product (<product>/train/: the "
+                        "few-shot references of test.py --k_shot; default 0)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -413,7 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         roots = generate(args.out_path, args.aux, args.target, args.size, args.n_good,
-                         args.n_anomalous, args.target_n_good, args.target_n_anomalous, args.seed)
+                         args.n_anomalous, args.target_n_good, args.target_n_anomalous, args.seed,
+                         target_n_train=args.target_n_train)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ from .post_vcp import PostVCP
 from .pre_vcp import PreVCP
 from .tokenizer import CLASS, CLASS_ID, Tokenizer
 
-__all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES"]
+__all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES", "upsample_patches"]
 
 # One template per state (SPEC §2); index 0 = normal, 1 = abnormal.
 TEMPLATES = ((f"a photo of a good {CLASS}",), (f"a photo of a damaged {CLASS}",))
@@ -48,14 +48,26 @@ class VCPConfig:
 
 @dataclass
 class AnomalyMaps:
-    """Per tapped layer, 2-channel softmax maps [B,2,S,S] (channel 1 = abnormal) of both branches."""
+    """Per tapped layer, 2-channel softmax maps [B,2,S,S] (channel 1 = abnormal) of both branches,
+    and the L2-normalized patch tokens [B,L,W] (class token removed) that the Post-VCP branch
+    read: what few-shot and mutual scoring compare (``model/patch_scoring.py``)."""
 
     raw: list[torch.Tensor] = field(default_factory=list)  # linear branch (Pre-VCP text)
     new: list[torch.Tensor] = field(default_factory=list)  # Post-VCP branch
+    patch_tokens: list[torch.Tensor] = field(default_factory=list)  # [B, L, W] per layer
 
     def abnormal(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time maps (SPEC §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S])."""
         return tuple(torch.stack([m[:, 1] for m in maps]).mean(0) for maps in (self.raw, self.new))
+
+
+def upsample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-patch values [B,C,L] (row-major H x H grid) -> [B,C,S,S] (bilinear, align_corners=True,
+    SPEC §6)."""
+    b, c, n = x.shape
+    h = int(round(n ** 0.5))
+    return F.interpolate(x.reshape(b, c, h, h), size=(size, size), mode="bilinear",
+                         align_corners=True)
 
 
 class LinearLayers(nn.Module):
@@ -113,11 +125,7 @@ class VCPCLIP(nn.Module):
 
     def _to_map(self, logits: torch.Tensor, size: int) -> torch.Tensor:
         """[B,L,2] patch logits -> [B,2,S,S] probabilities (bilinear, align_corners=True)."""
-        b, n, c = logits.shape
-        h = int(round(n ** 0.5))
-        grid = logits.transpose(1, 2).reshape(b, c, h, h)
-        up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
-        return up.softmax(dim=1)
+        return upsample_patches(logits.transpose(1, 2), size).softmax(dim=1)
 
     def forward(self, images: torch.Tensor) -> AnomalyMaps:
         size = images.shape[-1]
@@ -131,6 +139,7 @@ class VCPCLIP(nn.Module):
             logits = self.pre_vcp.prompt_temp.exp() * feats @ text.transpose(1, 2)  # [B, L, 2]
             maps.raw.append(self._to_map(logits, size))
             patches = F.normalize(patches, dim=-1)
+            maps.patch_tokens.append(patches)
             refined = self.post_vcp(text, patches)  # [B, 2, W]
             logits = self.post_vcp.prompt_temp_l1.exp() * patches @ refined.transpose(1, 2)
             maps.new.append(self._to_map(logits, size))

@@ -558,6 +558,29 @@ def test_folder_conversion_and_meta(tmp_path, capsys):
     assert meta["train"] == {"bolts": [], "screws": []}
 
 
+def test_folder_train_images_go_last_to_train_good(tmp_path, capsys):
+    """An optional <product>/train/ (normal images, e.g. few-shot references) becomes train/good,
+    after all test images, so the test images keep the names they have without it."""
+    expected = build_folder(tmp_path / "photos")
+    source = Source()
+    bolts = source.image(tmp_path / "photos" / "bolts" / "train" / "c.png", grey=True)
+    train = [source.image(tmp_path / "photos" / "screws" / "train" / n, grey=False)
+             for n in ["b.png", "a.png"]]
+    expected["shop/bolts/train/good/shop_000004.bmp"] = bolts
+    expected["shop/screws/train/good/shop_000005.bmp"] = train[1]  # a.png
+    expected["shop/screws/train/good/shop_000006.bmp"] = train[0]
+    data = tmp_path / "data"
+    assert run_convert(capsys, "--dataset", "shop", "--layout", "folder",
+                       "--src_path", str(tmp_path / "photos"), "--dst_path", str(data))[0] == 0
+    check_outputs(data, expected)
+    assert run_meta(capsys, data, "shop")[0] == 0
+    meta = load_meta(data, "shop")
+    assert [e["img_path"] for e in meta["train"]["screws"]] == [
+        "shop/screws/train/good/shop_000005.bmp", "shop/screws/train/good/shop_000006.bmp"]
+    assert [e["img_path"] for e in meta["train"]["bolts"]] == [
+        "shop/bolts/train/good/shop_000004.bmp"]
+
+
 def test_folder_src_is_one_product(tmp_path, capsys):
     src, source = tmp_path / "widget", Source()
     good = source.image(src / "good" / "a.png", grey=True)

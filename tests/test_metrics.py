@@ -408,3 +408,32 @@ def test_format_table():
     assert mean[2] == "80.00"  # nanmean ignores cable's nan
     assert mean[-1] == "0.312"  # (0.12345 + 0.5) / 2
     assert len({len(line) for line in lines}) == 1  # aligned
+
+
+@pytest.mark.parametrize("rule", ["geometric", "sum"])
+def test_fuse_maps_scale_of_either_map_does_not_matter(rule):
+    """Multiplying the zero-shot or the patch map by any constant leaves every metric unchanged."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 16, 16), bool)
+    masks[:2, 4:9, 4:9] = True
+    zero_shot = rng.uniform(0.3, 0.7, masks.shape).astype(np.float32) + 0.2 * masks
+    patch = rng.uniform(0.0, 0.2, masks.shape).astype(np.float32) + 0.1 * masks
+    labels = np.array([1, 1, 0, 0])
+    rows = []
+    for z, p in [(zero_shot, patch), (1000 * zero_shot, patch), (zero_shot, patch / 1000)]:
+        fused = M.fuse_maps(z, p, rule)
+        rows.append(M.evaluate_product(fused, fused, masks, labels, "x", sigma=1.0)[0])
+    for key in ("auroc_px", "ap_px", "aupro_px", "auroc_sp"):
+        assert rows[1][key] == pytest.approx(rows[0][key], abs=1e-6)
+        assert rows[2][key] == pytest.approx(rows[0][key], abs=1e-6)
+
+
+def test_fuse_maps_values():
+    z = np.array([[[0.25, 0.5], [1.0, 0.0]]], np.float32)
+    p = np.array([[[1.0, 0.5], [0.0, -1e-7]]], np.float32)  # rounding below 0 is clipped
+    assert M.fuse_maps(z, p, "geometric").tolist() == [[[0.5, 0.5], [0.0, 0.0]]]
+    assert M.fuse_maps(z, p, "alone").tolist() == [[[1.0, 0.5], [0.0, 0.0]]]
+    expected = z / z.std() + np.maximum(p, 0) / np.maximum(p, 0).std()
+    np.testing.assert_allclose(M.fuse_maps(z, p, "sum"), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown rule"):
+        M.fuse_maps(z, p, "max")

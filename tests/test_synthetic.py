@@ -118,3 +118,14 @@ def test_converts_to_the_standardized_layout_and_a_readable_meta_file(generated,
     for s in samples:
         assert s["image"].shape == (3, 32, 32)
         assert (s["mask"].sum() > 0) == bool(s["anomaly"])
+
+
+def test_target_train_images_change_no_other_image(generated, tmp_path):
+    """--target_n_train adds normal images under <target>/train/ only; the rest is unchanged."""
+    roots = small(tmp_path / "t", target_n_train=3)
+    before = {r.name: files(r) for r in generated}
+    after = {r.name: files(r) for r in roots}
+    added = {p for p in after["src_target"] if p.parts[1] == "train"}
+    assert sorted(str(p) for p in added) == [f"chelsea/train/00{i}.png" for i in range(3)]
+    assert {p: b for p, b in after["src_target"].items() if p not in added} == before["src_target"]
+    assert after["src_aux"] == before["src_aux"]

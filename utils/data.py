@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "open_mask",
     "load_meta",
     "meta_path",
+    "choose_references",
 ]
 
 # OpenAI CLIP's normalization constants (SPEC §1).
@@ -199,6 +201,26 @@ def load_meta(root: str | os.PathLike, dataset_name: str) -> dict[str, dict[str,
             for i, entry in enumerate(entries):
                 _check_entry(entry, f"{where}[{i}]", product)
     return meta
+
+
+def choose_references(root: str | os.PathLike, dataset_name: str, products: Iterable[str],
+                      k: int, seed: int) -> dict[str, list[str]]:
+    """K normal images per product from its ``train`` split (few-shot references, ours).
+
+    A seeded choice without replacement that depends only on ``seed``, the product's name and its
+    train entries (so adding a product changes no other's references); returned in meta order as
+    paths relative to ``root``. Raises ``DataError`` naming the product that has fewer than K.
+    """
+    train = load_meta(root, dataset_name)["train"]
+    chosen = {}
+    for product in products:
+        normal = [e["img_path"] for e in train.get(product, []) if e["anomaly"] == 0]
+        if len(normal) < k:
+            raise DataError(f"--k_shot {k}: product {product!r} has {len(normal)} normal images "
+                            f"in the train split of {meta_path(root, dataset_name)}")
+        rng = np.random.default_rng([seed, zlib.crc32(product.encode())])
+        chosen[product] = [normal[i] for i in sorted(rng.choice(len(normal), k, replace=False))]
+    return chosen
 
 
 def _check_entry(entry: Any, where: str, product: str) -> None:

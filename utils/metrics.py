@@ -9,6 +9,8 @@ Three families live here:
 * **Map arithmetic** (:func:`product_maps`, built from :func:`smoothed_blend` and
   :func:`image_scores`): blend, Gaussian filter, product-wide min-max
   normalization and the top-k image score, all in float32 like the reference.
+  :func:`fuse_maps` *(ours)* combines a zero-shot branch map with a few-shot reference or mutual
+  score map before that arithmetic.
 * **ROC / AP / F1 from one sort** (:func:`binary_curve` and the functions taking its result): the
   cumulative true/false-positive counts at every distinct score are computed once, and AUROC,
   average precision, the precision-recall curve, F1-max and its IoU are read off them. They equal
@@ -35,6 +37,8 @@ from skimage.measure import label as _label_components
 
 __all__ = [
     "UndefinedMetricWarning",
+    "FUSIONS",
+    "fuse_maps",
     "smoothed_blend",
     "image_scores",
     "product_maps",
@@ -142,6 +146,44 @@ def _check_pair(raw, new, name: str) -> tuple[np.ndarray, np.ndarray]:
             f"{name}: raw and new must both be [N, H, W]; got {raw.shape} and {new.shape}"
         )
     return raw, new
+
+
+# fuse_maps rules, the default (best measured, README 'Few-shot and mutual scoring') first
+FUSIONS = ("sum", "geometric", "alone")
+
+
+def _spread(x: np.ndarray) -> np.float32:
+    """Standard deviation over every pixel of the set; 1 for a constant set (nothing to scale)."""
+    sd = np.float32(x.std(dtype=np.float64))
+    return sd if sd > 0 else np.float32(1)
+
+
+def fuse_maps(zero_shot, patch, rule: str) -> np.ndarray:
+    """One zero-shot branch map combined with a patch-score map, float32 (ours).
+
+    Args:
+        zero_shot: ``[N, H, W]`` abnormal map of one branch (softmax probabilities).
+        patch: ``[N, H, W]`` reference or mutual score (a distance ``1 - cos`` >= 0).
+        rule: ``"geometric"``: ``sqrt(zero_shot * patch)`` per pixel; ``"sum"``:
+            ``zero_shot / sd(zero_shot) + patch / sd(patch)``, each scaled by its standard
+            deviation over all pixels of the set (the images scored together); ``"alone"``: the
+            patch map as it is.
+
+    Neither map's scale can drown the other: multiplying either by a constant multiplies the
+    geometric mean by a constant and leaves the sum unchanged, so the product-normalized maps and
+    every metric stay the same (``tests/test_metrics.py``).
+    """
+    zero_shot = np.asarray(zero_shot, dtype=np.float32)
+    patch = np.maximum(np.asarray(patch, dtype=np.float32), 0)  # 1 - cos may round below 0
+    if zero_shot.shape != patch.shape:
+        raise ValueError(f"fuse_maps: shapes {zero_shot.shape} and {patch.shape} differ")
+    if rule == "geometric":
+        return np.sqrt(zero_shot * patch)
+    if rule == "sum":
+        return zero_shot / _spread(zero_shot) + patch / _spread(patch)
+    if rule == "alone":
+        return patch
+    raise ValueError(f"fuse_maps: unknown rule {rule!r} (expected one of {FUSIONS})")
 
 
 def smoothed_blend(raw, new, *, sigma: float = SIGMA) -> np.ndarray:

@@ -8,6 +8,11 @@ largest pixels of each branch, added (0 to 2).
 
 How the maps are computed is a parameter (``MapsFn``): ``torch_maps`` runs the PyTorch model; any
 other runtime that turns a batch of preprocessed images into the two abnormal maps fits in.
+
+Beyond zero-shot (``PatchScoring``, PyTorch only: it reads the patch tokens), ``predict_groups``
+scores the images folder by folder: against a few-shot reference memory (``memory_of``) or each
+against the other images of its folder (mutual scoring), and fuses that map with each zero-shot
+branch over the folder's images (``utils.metrics.fuse_maps``) before the same blend and score.
 """
 from __future__ import annotations
 
@@ -25,15 +30,18 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from model.patch_scoring import (MUTUAL_FRACTION, mutual_score, reference_memory,
+                                 reference_score, score_map)
 from utils.cli import UsageError, autocast
 from utils.data import image_transform
 from utils.files import atomic_write
-from utils.metrics import image_scores, smoothed_blend
+from utils.metrics import fuse_maps, image_scores, smoothed_blend
 from utils.visualize import heatmap_overlay, write_png
 
 __all__ = ["IMAGE_SUFFIXES", "SCORE_FIELDS", "MapsFn", "Prediction", "Skipped", "expand_inputs",
            "read_rgb", "unique_names", "torch_maps", "predict_paths", "full_size", "overlay",
-           "binary_mask", "scores_csv", "OutputWriter", "Shard"]
+           "binary_mask", "scores_csv", "OutputWriter", "Shard", "memory_of", "PatchScoring",
+           "folder_groups", "predict_groups"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
@@ -62,7 +70,8 @@ class Prediction:
 
 @dataclass
 class Skipped:
-    """An input that could not be read (corrupt, unsupported): reported, never fatal."""
+    """An input that could not be read (corrupt, unsupported), or the only readable image of its
+    folder under mutual scoring: reported, never fatal. ``reason`` says which."""
 
     index: int
     path: Path
@@ -121,7 +130,7 @@ class _Images(Dataset):
         try:
             return i, self.transform(read_rgb(self.paths[i]))
         except Exception as e:  # a corrupt or unsupported file is skipped, not fatal
-            return i, f"{type(e).__name__}: {e}"
+            return i, f"cannot read it ({type(e).__name__}: {e})"
 
 
 def _collate(items):
@@ -140,19 +149,116 @@ def torch_maps(model: torch.nn.Module, device: torch.device, precision: str | No
     return maps
 
 
+def memory_of(paths: list[Path], model: torch.nn.Module, device: torch.device,
+              precision: str | None, image_size: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """The few-shot memory of normal reference images: per tapped layer, their normalized patch
+    tokens [K*L, W] on the device. An unreadable reference is an error (it would silently weaken
+    the memory)."""
+    transform, images = image_transform(image_size), []
+    for path in paths:
+        try:
+            images.append(transform(read_rgb(path)))  # [3, S, S]
+        except Exception as e:
+            raise UsageError(f"reference image {path}: cannot read it ({type(e).__name__}: {e})")
+    batches = []
+    with torch.inference_mode(), autocast(device, precision):
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack(images[start:start + batch_size]).to(device)  # [b, 3, S, S]
+            batches.append(model(batch).patch_tokens)  # per layer [b, L, W]
+    return reference_memory([torch.cat(layer) for layer in zip(*batches)])
+
+
+def _loader(paths: list[Path], image_size: int, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(_Images(paths, image_size), batch_size=batch_size,
+                      num_workers=num_workers, collate_fn=_collate)
+
+
+def _predictions(indices: list[int], paths: list[Path], raw: np.ndarray,
+                 new: np.ndarray) -> Iterator[Prediction]:
+    """Predictions from the two abnormal maps [B,S,S] of the inputs ``indices``."""
+    for i, amap, score in zip(indices, smoothed_blend(raw, new), image_scores(raw, new)):
+        yield Prediction(i, paths[i], amap, float(score))
+
+
 def predict_paths(paths: list[Path], maps_fn: MapsFn, image_size: int, batch_size: int = 8,
                   num_workers: int = 0) -> Iterator[Prediction | Skipped]:
     """Each input in order as a ``Prediction``, or a ``Skipped`` where it cannot be read."""
-    loader = DataLoader(_Images(paths, image_size), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
-    for indices, images, bad in loader:
+    for indices, images, bad in _loader(paths, image_size, batch_size, num_workers):
         for i, reason in bad:
             yield Skipped(i, paths[i], reason)
         if images is None:
             continue
         raw, new = maps_fn(images)  # [B, S, S] each
-        for i, amap, score in zip(indices, smoothed_blend(raw, new), image_scores(raw, new)):
-            yield Prediction(i, paths[i], amap, float(score))
+        yield from _predictions(indices, paths, raw, new)
+
+
+@dataclass
+class PatchScoring:
+    """Scoring beyond zero-shot: with a ``memory`` (``memory_of``) each image's patches against
+    the few-shot references, without one against the other images of its folder (mutual)."""
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str | None
+    fusion: str  # utils.metrics.FUSIONS
+    memory: list[torch.Tensor] | None = None  # per tapped layer [K*L, W]
+    mutual_fraction: float = MUTUAL_FRACTION
+
+    def forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
+        """images [B,3,S,S] -> raw, new [B,S,S] float32 and the patch tokens, per layer [B,L,W]."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            maps = self.model(images.to(self.device))
+            raw, new = maps.abnormal()
+        return raw.float().cpu().numpy(), new.float().cpu().numpy(), maps.patch_tokens
+
+    def reference_map(self, tokens: list[torch.Tensor], size: int) -> np.ndarray:
+        """Per layer [B,L,W] -> [B,S,S] reference score maps."""
+        with torch.inference_mode():
+            return score_map(reference_score(tokens, self.memory), size).cpu().numpy()
+
+    def mutual_map(self, batches: list[list[torch.Tensor]], size: int) -> np.ndarray:
+        """A folder's tokens (per batch, per layer [b,L,W]) -> [N,S,S] mutual score maps."""
+        with torch.inference_mode():  # one concatenated layer at a time: [N, L, W]
+            layers = (torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+            return score_map(mutual_score(layers, self.mutual_fraction), size).cpu().numpy()
+
+
+def folder_groups(paths: list[Path]) -> list[list[int]]:
+    """Indices of the inputs grouped by folder; folders in order of their first input."""
+    groups: dict[Path, list[int]] = {}
+    for i, path in enumerate(paths):
+        groups.setdefault(path.parent, []).append(i)
+    return list(groups.values())
+
+
+def predict_groups(paths: list[Path], scoring: PatchScoring, image_size: int, batch_size: int = 8,
+                   num_workers: int = 0) -> Iterator[Prediction | Skipped]:
+    """As ``predict_paths``, folder by folder (``folder_groups``): a folder's maps are fused once
+    all of them are in (mutual scoring needs them all; the sum rule scales over the folder)."""
+    for group in folder_groups(paths):
+        members = [paths[i] for i in group]
+        raw, new, patch, tokens, kept = [], [], [], [], []
+        for indices, images, bad in _loader(members, image_size, batch_size, num_workers):
+            for i, reason in bad:
+                yield Skipped(group[i], members[i], reason)
+            if images is None:
+                continue
+            r, n, t = scoring.forward(images)
+            raw.append(r), new.append(n)
+            kept += [group[i] for i in indices]
+            if scoring.memory is not None:
+                patch.append(scoring.reference_map(t, image_size))
+            else:
+                tokens.append(t)
+        if scoring.memory is None and len(kept) == 1:
+            yield Skipped(kept[0], paths[kept[0]], "mutual scoring needs another readable "
+                                                   "image in its folder")
+            continue
+        if not kept:
+            continue
+        patch = np.concatenate(patch) if patch else scoring.mutual_map(tokens, image_size)
+        raw, new = (fuse_maps(np.concatenate(m), patch, scoring.fusion) for m in (raw, new))
+        yield from _predictions(kept, paths, raw, new)
 
 
 def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -5,13 +5,17 @@ Source layout, per product folder::
     <product>/good/*.png              normal images                       (optional)
     <product>/anomaly/*.png           anomalous images                    (optional)
     <product>/masks/<stem>.png        mask of anomaly/<stem>.* (or <stem>_mask.*, any image type)
+    <product>/train/*.png             normal training images, e.g. few-shot references (optional)
 
 ``<src>`` is either a folder of such product folders (each non-hidden sub-folder is a product,
 sorted; each needs ``good/`` or ``anomaly/``), or a single product folder itself (``<src>/good``
-or ``<src>/anomaly`` exists; the product is then named after ``<src>``).  There is no training
-split: everything goes to ``test/`` and ``train/good`` stays empty.  Processing order per product
-is ``anomaly/`` then ``good/`` (sorted folder names, as MVTec-AD), images sorted.  Output names:
-``{name}_anomaly_{id}.bmp`` (+ mask ``.png``) and ``{name}_good_{id}.bmp``.
+or ``<src>/anomaly`` exists; the product is then named after ``<src>``).  ``good/`` and
+``anomaly/`` go to ``test/``; ``train/``, if there is one, to ``train/good`` (else it stays empty).
+Processing order per product is ``anomaly/`` then ``good/`` (sorted folder names, as MVTec-AD),
+images sorted; every product's ``train/`` comes after all test images (so that adding one renames
+no test image: the running id is the dataset's).  Output names:
+``{name}_anomaly_{id}.bmp`` (+ mask ``.png``), ``{name}_good_{id}.bmp`` and ``{name}_{id}.bmp``
+(train, as MVTec-AD's).
 
 Masks: source value > 128 is anomalous by default (0/255 masks, anti-aliased edges), change it
 with ``mask_threshold`` (e.g. 0 for class-id masks).  Every anomalous image needs a mask: a missing
@@ -25,10 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from dataset.common import (IMAGE_EXTENSIONS, TEST_ANOMALY, TEST_GOOD, Item, MaskFolder, Plan,
-                            Problems, list_images, list_subdirs)
+from dataset.common import (IMAGE_EXTENSIONS, TEST_ANOMALY, TEST_GOOD, TRAIN_GOOD, Item,
+                            MaskFolder, Plan, Problems, list_images, list_subdirs)
 
-GOOD, ANOMALY, MASKS = "good", "anomaly", "masks"
+GOOD, ANOMALY, MASKS, TRAIN = "good", "anomaly", "masks", "train"
 MASK_SUFFIXES = ("", "_mask")
 DEFAULT_THRESHOLD = 128
 
@@ -53,7 +57,7 @@ def find_products(src: Path, problems: Problems) -> dict[str, Path]:
 
 def plan_product(product: str, folder: Path, allow_missing_masks: bool,
                  problems: Problems) -> list[Item]:
-    """Items of one product: anomalous images (with masks) first, then normal ones."""
+    """Test items of one product: anomalous images (with masks) first, then normal ones."""
     items = []
     anomaly_dir = folder / ANOMALY
     anomalous = [anomaly_dir / n for n in list_images(anomaly_dir)] if anomaly_dir.is_dir() else []
@@ -74,6 +78,14 @@ def plan_product(product: str, folder: Path, allow_missing_masks: bool,
     return items
 
 
+def plan_train(product: str, folder: Path) -> list[Item]:
+    """The product's normal training images (``train/``, optional)."""
+    train_dir = folder / TRAIN
+    if not train_dir.is_dir():
+        return []
+    return [Item(product, TRAIN_GOOD, "", train_dir / n) for n in list_images(train_dir)]
+
+
 def plan(src: Path, name: str, mask_threshold: Optional[int] = None,
          allow_missing_masks: bool = False) -> Plan:
     """Plan the conversion of a plain good/anomaly folder; raises DatasetError on problems."""
@@ -83,6 +95,8 @@ def plan(src: Path, name: str, mask_threshold: Optional[int] = None,
     items = []
     for product, folder in products.items():
         items += plan_product(product, folder, allow_missing_masks, problems)
+    for product, folder in products.items():  # after every test image
+        items += plan_train(product, folder)
     problems.raise_if_any(f"cannot convert {name!r} from {src}")
     threshold = DEFAULT_THRESHOLD if mask_threshold is None else mask_threshold
     return Plan(name, tuple(products), items, threshold)
