@@ -88,7 +88,7 @@ class Product:
     masks: list = field(default_factory=list)  # [S,S] bool
     labels: list = field(default_factory=list)
     paths: list = field(default_factory=list)
-    patch: list = field(default_factory=list)  # [S,S] float32 patch-score maps (--k_shot, --mutual)
+    patch: list = field(default_factory=list)  # [S,S] float32 patch-score maps
     tokens: list = field(default_factory=list)  # per image, per layer [L,W] (--mutual)
 
 

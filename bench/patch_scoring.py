@@ -158,14 +158,16 @@ def main(argv=None) -> None:
     big = mutual_memory_bytes(200, 1369, 1024, 4)
     print("mutual, 200 images at ViT-L/14 shapes (1369 x 1024 x 4 layers, float32): peak "
           + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in big.items())
-          + f"; all at once one layer's similarity matrix alone: {(200 * 1369) ** 2 * 4 / GIB:.0f} GiB")
+          + f"; all at once one layer's similarity matrix alone: "
+          f"{(200 * 1369) ** 2 * 4 / GIB:.0f} GiB")
     if measured:
         m, (grown, seconds) = args.memory_images, measured
         formula = mutual_memory_bytes(m, args.memory_patches, 1024, 4)
         print(f"measured on {m} images of {args.memory_patches} x 1024 x 4 layers: peak RSS grew "
               f"{grown / 2**20:.0f} MiB while scoring ({seconds:.1f} s); formula without the "
               f"tokens: {(formula['total'] - formula['tokens']) / 2**20:.0f} MiB")
-    print(f"mutual over {n} images all at once: {all_at_once:.2f} s, chunked {mutual_seconds:.2f} s")
+    print(f"mutual over {n} images all at once: {all_at_once:.2f} s, "
+          f"chunked {mutual_seconds:.2f} s")
     print(f"speedup: {all_at_once / mutual_seconds:.1f}x")
 
 
