@@ -336,6 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.5, help="the slider's first position")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
+    p.set_defaults(reference=None, mutual=False)  # the page's maps are zero-shot (predict.py's
+    # --reference and --mutual are not wired here)
     add_model_flags(p)
     return p.parse_args(argv)
 

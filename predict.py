@@ -107,7 +107,7 @@ def reference_paths(args: argparse.Namespace) -> list[Path] | None:
     """The ``--reference`` images (None without the flag); fails before any model work."""
     if args.reference is not None and args.mutual:
         raise UsageError("--reference and --mutual: choose one")
-    if not 0 < args.mutual_fraction <= 1:
+    if args.mutual and not 0 < args.mutual_fraction <= 1:
         raise UsageError(f"--mutual_fraction must be in (0, 1], got {args.mutual_fraction}")
     if args.reference is None:
         return None
