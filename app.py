@@ -336,8 +336,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.5, help="the slider's first position")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
-    p.set_defaults(reference=None, mutual=False)  # the page's maps are zero-shot (predict.py's
-    # --reference and --mutual are not wired here)
+    predict.add_scoring_flags(p)  # --reference, --mutual: as predict.py (an upload is a folder)
     add_model_flags(p)
     return p.parse_args(argv)
 
@@ -359,7 +358,10 @@ def main(argv=None) -> int:
         predict_images = predict.predictor(args)
     except INPUT_ERRORS as e:
         return fail(e)
-    inspector = Inspector(predict_images, args.threshold, f"checkpoint {args.checkpoint_path}")
+    scoring = (f", {args.fusion} fusion with {len(args.reference)} reference input(s)"
+               if args.reference else ", mutual scoring" if args.mutual else ", zero-shot")
+    inspector = Inspector(predict_images, args.threshold,
+                          f"checkpoint {args.checkpoint_path}{scoring}")
     host, port = sock.getsockname()[:2]
     print(f"serving the inspection page on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(inspector), log_level="warning")).run(sockets=[sock])

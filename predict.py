@@ -64,7 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="defective images: also print the recall at T")
     c.add_argument("--held_out", metavar="NORMAL", default=None,
                    help="other normal images: also print their false-alarm rate at T")
-    g = p.add_argument_group("beyond zero-shot (ours)")
+    add_scoring_flags(p)
+    add_model_flags(p)
+    return p.parse_args(argv)
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    """Scoring beyond zero-shot: predict.py's and the inspection page's (app.py) flags."""
+    g = parser.add_argument_group("beyond zero-shot (ours)")
     g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
                    help="normal images (files, folders or globs) to compare every patch with; "
                         "put it after the inputs")
@@ -75,8 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mutual_fraction", type=float, default=MUTUAL_FRACTION,
                    help="mutual score: mean of this smallest fraction of the nearest distances "
                         "to the other images (default %(default)s)")
-    add_model_flags(p)
-    return p.parse_args(argv)
 
 
 # image paths -> each one's Prediction, or Skipped where it cannot be read, in input order

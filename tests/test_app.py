@@ -223,6 +223,30 @@ def test_command_line_errors(tmp_path, tiny_archive, capsys):
         taken.close()
 
 
+def test_reference_scoring_as_predict(tmp_path, images, tiny_archive, tiny_checkpoint):
+    """With --reference the page scores its uploads as predict.py scores a folder of them."""
+    import app
+    import predict
+    model = ["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+             "--device", "cpu", "--reference", str(images / "wide.png")]
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for name in ("tall.jpg", "deep.tif"):
+        shutil.copy(images / name, folder / name)
+    assert predict.main([str(folder), "--save_path", str(tmp_path / "out"), "--num_workers", "0",
+                         *model]) == 0
+    with open(tmp_path / "out" / "scores.csv") as f:
+        expected = {r["path"].rsplit("/", 1)[1]: float(r["max_pixel_score"])
+                    for r in csv.DictReader(f)}
+    server = Server(app.Inspector(predict.predictor(app.parse_args(model))))
+    try:
+        job = run_job(server.url, [("kind", "inspect"), ("images", images / "tall.jpg"),
+                                   ("images", images / "deep.tif")])
+    finally:
+        server.stop()
+    assert {r["name"]: r["max_pixel_score"] for r in job["results"]} == pytest.approx(expected)
+
+
 # ---- the page in a real browser ------------------------------------------------------------
 def find_browser() -> tuple[str, str] | None:
     browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
