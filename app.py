@@ -337,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
     predict.add_scoring_flags(p)  # --reference, --mutual: as predict.py (an upload is a folder)
+    predict.add_onnx_flag(p)
     add_model_flags(p)
     return p.parse_args(argv)
 
@@ -360,8 +361,8 @@ def main(argv=None) -> int:
         return fail(e)
     scoring = (f", {args.fusion} fusion with {len(args.reference)} reference input(s)"
                if args.reference else ", mutual scoring" if args.mutual else ", zero-shot")
-    inspector = Inspector(predict_images, args.threshold,
-                          f"checkpoint {args.checkpoint_path}{scoring}")
+    source = f"ONNX {args.onnx}" if args.onnx else f"checkpoint {args.checkpoint_path}"
+    inspector = Inspector(predict_images, args.threshold, f"{source}{scoring}")
     host, port = sock.getsockname()[:2]
     print(f"serving the inspection page on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(inspector), log_level="warning")).run(sockets=[sock])

@@ -32,9 +32,8 @@ from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, f
                        read_checkpoint_and_config)
 from utils.data import CLIP_MEAN, CLIP_STD
 from utils.files import atomic_write
+from utils.prediction import ONNX_FORMAT, ONNX_INPUT, ONNX_OUTPUTS, onnx_maps, sidecar_path
 
-FORMAT = "vcp-clip-onnx/1"
-INPUT, OUTPUTS = "images", ("raw", "new")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -68,16 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """The JSON that travels with an exported model: ``model.onnx`` -> ``model.json``."""
-    return Path(onnx_path).with_suffix(".json")
-
-
 def export_program(maps: AbnormalMaps, image_size: int, opset: int | None):
     """torch.export (dynamo) -> ONNX with a dynamic batch. The TorchScript exporter
     (``dynamo=False``) traces the prompted text forward wrongly (maps off by 1e-2), so not it."""
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return torch.onnx.export(maps, (example,), input_names=[INPUT], output_names=list(OUTPUTS),
+    return torch.onnx.export(maps, (example,), input_names=[ONNX_INPUT],
+                             output_names=list(ONNX_OUTPUTS),
                              dynamic_shapes=({0: torch.export.Dim("batch")},),
                              opset_version=opset, dynamo=True, verbose=False)
 
@@ -97,16 +92,14 @@ def save_program(program, output: Path) -> str | None:
 
 
 def check_with_onnxruntime(output: Path, reference: AbnormalMaps, image_size: int) -> dict:
-    """One random image (batch 1, not the traced 2: the batch is dynamic) through ONNX Runtime
-    and through the fp32 PyTorch model -> max |diff| of each map."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    """One random image (batch 1, not the traced 2: the batch is dynamic) through ONNX Runtime,
+    read the way predict.py reads it, and through the fp32 PyTorch model -> max |diff| per map."""
+    maps_fn, _ = onnx_maps(output, "cpu")
     images = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    got = session.run(list(OUTPUTS), {INPUT: images.numpy()})
     with torch.inference_mode():
         want = reference(images)
-    return {name: float(np.abs(g - w.numpy()).max()) for name, g, w in zip(OUTPUTS, got, want)}
+    return {name: float(np.abs(g - w.numpy()).max())
+            for name, g, w in zip(ONNX_OUTPUTS, maps_fn(images), want)}
 
 
 def export(args: argparse.Namespace) -> dict:
@@ -120,19 +113,20 @@ def export(args: argparse.Namespace) -> dict:
     data = save_program(program, output)
     opset = next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
     meta = {
-        "format": FORMAT, "onnx": output.name, "external_data": data,
-        "input": {"name": INPUT, "shape": ["batch", 3, cfg.image_size, cfg.image_size],
+        "format": ONNX_FORMAT, "onnx": output.name, "external_data": data,
+        "input": {"name": ONNX_INPUT, "shape": ["batch", 3, cfg.image_size, cfg.image_size],
                   "dtype": "float32", "image_size": cfg.image_size,
                   "preprocess": "RGB, resize to image_size x image_size (bicubic), "
                                 "scale to [0, 1], then (x - mean) / std per channel",
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
-        "outputs": {name: ["batch", cfg.image_size, cfg.image_size] for name in OUTPUTS},
+        "outputs": {name: ["batch", cfg.image_size, cfg.image_size] for name in ONNX_OUTPUTS},
         "precision": args.precision, "opset": opset, "torch": torch.__version__,
         "vcp_config": cfg.to_dict(), "clip_config": model.clip.cfg.to_json_dict(),
         "checkpoint": str(Path(args.checkpoint_path).resolve()) if args.checkpoint_path else None,
         "pretrained": str(Path(args.pretrained_path)),
-        "check_max_abs_diff": check_with_onnxruntime(output, reference, cfg.image_size),
     }
+    atomic_write(sidecar_path(output), json.dumps(meta, indent=1) + "\n")
+    meta["check_max_abs_diff"] = check_with_onnxruntime(output, reference, cfg.image_size)
     atomic_write(sidecar_path(output), json.dumps(meta, indent=1) + "\n")
     return meta
 

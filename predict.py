@@ -22,6 +22,9 @@ zero-shot maps (``--fusion``).
 
     python predict.py line3/ --reference line3_good/*.png --checkpoint_path ...
     python predict.py batch_monday/ batch_tuesday/ --mutual --checkpoint_path ...
+
+``--onnx model.onnx`` runs a graph that ``export.py`` wrote on ONNX Runtime instead of PyTorch
+(image size from its JSON; the model flags do not apply) and writes the same outputs.
 """
 from __future__ import annotations
 
@@ -35,13 +38,22 @@ from tqdm import tqdm
 
 from model.patch_scoring import MUTUAL_FRACTION
 from utils.calibration import Calibration, alarm_rate, calibrate
-from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
-                       build_model, check_output_folder, fail, read_checkpoint_and_config,
-                       select_device)
+from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags,
+                       at_least, build_model, check_output_folder, fail,
+                       read_checkpoint_and_config, select_device)
 from utils.metrics import FUSIONS
-from utils.prediction import (OutputWriter, PatchScoring, Prediction, Shard, Skipped,
-                              expand_inputs, folder_groups, memory_of, predict_groups,
+from utils.prediction import (MapsFn, OutputWriter, PatchScoring, Prediction, Shard, Skipped,
+                              expand_inputs, folder_groups, memory_of, onnx_maps, predict_groups,
                               predict_paths, torch_maps, unique_names)
+
+# What an exported model has fixed: with --onnx these flags would silently do nothing
+FIXED_BY_EXPORT = (*FLAG_FIELDS, "precision", "config_path", "model")
+
+
+def add_onnx_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                        help="run this export.py graph on ONNX Runtime instead of the PyTorch "
+                             "model (--checkpoint_path and --pretrained_path are then not read)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--num_workers", type=at_least(0), default=2)
+    add_onnx_flag(p)
     c = p.add_argument_group("threshold calibration (instead of INPUTs; utils/calibration.py)")
     c.add_argument("--calibrate", metavar="NORMAL", default=None,
                    help="normal images (file, folder or glob): print T, the inverted-CDF "
@@ -91,8 +104,12 @@ Predictor = Callable[[list[Path]], Iterator[Prediction | Skipped]]
 def predictor(args: argparse.Namespace) -> Predictor:
     """The model and scoring the flags name, as one function of the image paths: what
     ``predict``, ``--calibrate`` and the inspection page (app.py) run. With ``--reference`` or
-    ``--mutual`` the images are scored folder by folder (``predict_groups``)."""
+    ``--mutual`` the images are scored folder by folder (``predict_groups``). With ``--onnx`` an exported graph makes the maps (zero-shot only)."""
     references = reference_paths(args)
+    if args.onnx:
+        maps_fn, image_size = onnx_model(args, references)
+        return lambda paths: predict_paths(paths, maps_fn, image_size, args.batch_size,
+                                           args.num_workers)
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
     device = select_device(args)
     model = build_model(args, cfg, payload, device, args.checkpoint_path)
@@ -128,6 +145,17 @@ def check_mutual_folders(args: argparse.Namespace, paths: list[Path]) -> None:
         if lone:
             raise UsageError(f"--mutual compares each image with the others of its folder; "
                              f"these folders have one image: {', '.join(lone)}")
+
+
+def onnx_model(args: argparse.Namespace, references: list[Path] | None) -> tuple[MapsFn, int]:
+    """The ``--onnx`` graph on ONNX Runtime as a ``MapsFn``, and its image size."""
+    fixed = [f"--{f}" for f in FIXED_BY_EXPORT if getattr(args, f, None) is not None]
+    fixed += ["--reference"] * (references is not None) + ["--mutual"] * bool(args.mutual)
+    if fixed:
+        raise UsageError(f"{', '.join(fixed)} cannot be used with --onnx: the exported model "
+                         "fixes the model and outputs only the zero-shot maps (see its .json)")
+    maps_fn, meta = onnx_maps(args.onnx, args.device, args.device_id)
+    return maps_fn, meta["input"]["image_size"]
 
 
 def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[str]]:

@@ -1,13 +1,18 @@
 """export.py: the ONNX graph computes the PyTorch maps (dynamic batch, two image sizes, fp16),
-its JSON says what a reader needs, and bad flags are one-line errors."""
+its JSON says what a reader needs; predict.py --onnx writes what the PyTorch path writes; bad
+flags and files are one-line errors."""
+import csv
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 import export
+import predict
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from utils.data import CLIP_MEAN, CLIP_STD
 
@@ -96,3 +101,74 @@ def test_missing_checkpoint_is_an_error(tmp_path, tiny_archive, capsys):
     assert run_export(tiny_archive, tmp_path / "none.pth",
                       "--output", tmp_path / "m.onnx") == 2
     assert "none.pth" in capsys.readouterr().err
+
+
+def run_predict(out, *inputs_and_flags) -> int:
+    return predict.main([*map(str, inputs_and_flags), "--save_path", str(out), "--save_maps",
+                         "--num_workers", "0", "--batch_size", "2", "--threshold", "0.5"])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(40, 60, 3), (56, 56, 3), (33, 47, 3)]):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(d / f"p{i}.png")
+    (d / "p3_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return d
+
+
+def test_predict_onnx_writes_what_the_pytorch_path_writes(tmp_path, exported, photos,
+                                                          tiny_archive, tiny_checkpoint):
+    assert run_predict(tmp_path / "torch", photos, "--checkpoint_path", tiny_checkpoint,
+                       "--pretrained_path", tiny_archive, "--device", "cpu") == 0
+    assert run_predict(tmp_path / "onnx", photos, "--onnx", exported[56, "fp32"],
+                       "--checkpoint_path", tmp_path / "never_read.pth", "--device", "cpu") == 0
+    rows = {}
+    for how in ("torch", "onnx"):
+        with open(tmp_path / how / "scores.csv") as f:
+            rows[how] = list(csv.DictReader(f))
+    assert [r["path"] for r in rows["onnx"]] == [r["path"] for r in rows["torch"]]
+    assert len(rows["onnx"]) == 3
+    for a, b in zip(rows["torch"], rows["onnx"]):
+        for key in ("image_score", "max_pixel_score"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-4
+    for sub in ("overlays", "masks", "maps"):
+        assert sorted(p.name for p in (tmp_path / "torch" / sub).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "onnx" / sub).iterdir())
+    for npy in (tmp_path / "torch" / "maps").iterdir():
+        assert np.abs(np.load(npy) - np.load(tmp_path / "onnx" / "maps" / npy.name)).max() < 1e-4
+
+
+def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos, capsys):
+    good = exported[56, "fp32"]
+    not_onnx = tmp_path / "fake.onnx"
+    not_onnx.write_bytes(b"this is no protobuf")
+    shutil.copy(good.with_suffix(".json"), not_onnx.with_suffix(".json"))
+    no_json = tmp_path / "alone.onnx"
+    shutil.copy(good, no_json)
+    other_size = tmp_path / "other.onnx"
+    shutil.copy(good, other_size)
+    meta = json.loads(good.with_suffix(".json").read_text())
+    meta["input"]["image_size"] = 42
+    other_size.with_suffix(".json").write_text(json.dumps(meta))
+    cases = [
+        (["--onnx", tmp_path / "missing.onnx"], "missing.onnx does not exist"),
+        (["--onnx", not_onnx], "fake.onnx is not a readable ONNX model"),
+        (["--onnx", no_json], "alone.json is missing"),
+        (["--onnx", other_size], "expected input images [B,3,42,42]"),
+        (["--onnx", good, "--image_size", "42"], "--image_size cannot be used with --onnx"),
+    ]
+    for flags, message in cases:
+        assert run_predict(tmp_path / "out", photos / "p0.png", *flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_the_page_takes_an_exported_model_too(exported, photos):
+    import app
+    from utils.prediction import Prediction
+    args = app.parse_args(["--onnx", str(exported[56, "fp32"]), "--device", "cpu"])
+    results = list(predict.predictor(args)(sorted(photos.glob("p[0-2].png"))))
+    assert len(results) == 3 and all(isinstance(r, Prediction) for r in results)
+    assert all(r.amap.shape == (56, 56) for r in results)

@@ -6,8 +6,9 @@ The map is the smoothed blend of SPEC §10, ``gaussian_filter(0.2*raw + 0.8*new,
 so a fixed threshold is a usable deployment setting. The image score is the mean of the 2000
 largest pixels of each branch, added (0 to 2).
 
-How the maps are computed is a parameter (``MapsFn``): ``torch_maps`` runs the PyTorch model; any
-other runtime that turns a batch of preprocessed images into the two abnormal maps fits in.
+How the maps are computed is a parameter (``MapsFn``): ``torch_maps`` runs the PyTorch model,
+``onnx_maps`` a graph that ``export.py`` wrote, on ONNX Runtime; any other runtime that turns a
+batch of preprocessed images into the two abnormal maps fits in.
 
 Beyond zero-shot (``PatchScoring``, PyTorch only: it reads the patch tokens), ``predict_groups``
 scores the images folder by folder: against a few-shot reference memory (``memory_of``) or each
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,10 @@ from utils.metrics import fuse_maps, image_scores, smoothed_blend
 from utils.visualize import heatmap_overlay, write_png
 
 __all__ = ["IMAGE_SUFFIXES", "SCORE_FIELDS", "MapsFn", "Prediction", "Skipped", "expand_inputs",
-           "read_rgb", "unique_names", "torch_maps", "predict_paths", "full_size", "overlay",
-           "binary_mask", "scores_csv", "OutputWriter", "Shard", "memory_of", "PatchScoring",
-           "folder_groups", "predict_groups"]
+           "read_rgb", "unique_names", "torch_maps", "ONNX_FORMAT", "ONNX_INPUT", "ONNX_OUTPUTS",
+           "sidecar_path", "onnx_maps", "predict_paths", "full_size", "overlay", "binary_mask",
+           "scores_csv", "OutputWriter", "Shard", "memory_of", "PatchScoring", "folder_groups",
+           "predict_groups"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
@@ -147,6 +150,87 @@ def torch_maps(model: torch.nn.Module, device: torch.device, precision: str | No
             raw, new = model(images.to(device)).abnormal()  # [B, S, S] each
         return raw.float().cpu().numpy(), new.float().cpu().numpy()
     return maps
+
+
+# An exported model (export.py): one input, two outputs, and a JSON sidecar beside the .onnx
+ONNX_FORMAT = "vcp-clip-onnx/1"
+ONNX_INPUT, ONNX_OUTPUTS = "images", ("raw", "new")
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """The JSON that travels with an exported model: ``model.onnx`` -> ``model.json``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def read_sidecar(onnx_path: Path) -> dict:
+    """The exported model's JSON, checked for what the prediction path reads from it."""
+    path = sidecar_path(onnx_path)
+    try:
+        meta = json.loads(path.read_text())
+        size = meta["input"]["image_size"]
+    except FileNotFoundError:
+        raise UsageError(f"--onnx {onnx_path}: its description {path} is missing (export.py "
+                         "writes both; keep them together)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--onnx {onnx_path}: {path} is not an export.py description "
+                         f"({type(e).__name__}: {e})") from None
+    if meta.get("format") != ONNX_FORMAT or not isinstance(size, int):
+        raise UsageError(f"--onnx {onnx_path}: {path} is not an export.py description (format "
+                         f"{meta.get('format')!r}, expected {ONNX_FORMAT!r})")
+    return meta
+
+
+def _onnx_providers(ort, device: str | None, device_id: int) -> list:
+    """``device`` None: CUDA (GPU ``device_id``) where onnxruntime-gpu is installed, else the CPU;
+    ``cpu``; ``cuda`` or ``cuda:N`` (an error where the CUDA provider is missing)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    index = device_id
+    if device is not None:
+        kind, _, number = device.partition(":")
+        if kind != "cuda" or not (number.isdigit() or number == ""):
+            raise UsageError(f"--device {device}: with --onnx, expected cpu, cuda or cuda:N")
+        index = int(number) if number else device_id
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if device is not None:
+            raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider "
+                             "(install onnxruntime-gpu)")
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+def onnx_maps(onnx_path: str | Path, device: str | None = None,
+              device_id: int = 0) -> tuple[MapsFn, dict]:
+    """An exported model on ONNX Runtime as a ``MapsFn``, and its sidecar (image size, configs).
+    The graph is checked for what export.py writes: ``images`` [B,3,S,S] -> ``raw``, ``new``."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise UsageError(f"--onnx {onnx_path} does not exist (write it with export.py)")
+    meta = read_sidecar(onnx_path)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError("--onnx needs onnxruntime (pip install onnxruntime)") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fp16 graphs warn about CPU constant folding
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, _onnx_providers(ort, device, device_id))
+    except Exception as e:  # onnxruntime's own error types: a corrupt or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"--onnx {onnx_path} is not a readable ONNX model "
+                         f"({type(e).__name__}: {first})") from None
+    size = meta["input"]["image_size"]
+    inputs = [(i.name, i.shape[1:]) for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [(ONNX_INPUT, [3, size, size])] or outputs[:2] != list(ONNX_OUTPUTS):
+        raise UsageError(f"--onnx {onnx_path}: expected input {ONNX_INPUT} [B,3,{size},{size}] "
+                         f"and outputs {list(ONNX_OUTPUTS)} (export.py's), got inputs {inputs} "
+                         f"and outputs {outputs}")
+
+    def maps(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        raw, new = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: images.numpy()})
+        return raw, new  # [B, S, S] float32 each
+    return maps, meta
 
 
 def memory_of(paths: list[Path], model: torch.nn.Module, device: torch.device,
