@@ -9,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKES = {
+    "deploy.py": ["--config", "configs/tiny.json", "--image_size", "56", "--batch_size", "2",
+                  "--iters", "1", "--warmup", "0", "--features_list", "1", "2", "3", "4"],
     "metrics.py": ["--n", "4", "--size", "64"],
     "forward.py": ["--config", "configs/tiny.json", "--image_size", "56", "--batch_size", "2",
                    "--iters", "1", "--warmup", "0", "--features_list", "1", "2", "3", "4"],

@@ -165,7 +165,7 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos,
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_the_page_takes_an_exported_model_too(exported, photos):
+def test_the_page_takes_an_exported_model_too(exported):
     import app
     from utils.prediction import Prediction
     args = app.parse_args(["--onnx", str(exported[56, "fp32"]), "--device", "cpu"])
