@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import app
 import export
 import predict
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from utils.data import CLIP_MEAN, CLIP_STD
+from utils.prediction import Prediction
 
 
 def run_export(archive, checkpoint, *flags) -> int:
@@ -165,9 +167,7 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos,
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_the_page_takes_an_exported_model_too(exported):
-    import app
-    from utils.prediction import Prediction
+def test_the_page_takes_an_exported_model_too(exported, photos):
     args = app.parse_args(["--onnx", str(exported[56, "fp32"]), "--device", "cpu"])
     results = list(predict.predictor(args)(sorted(photos.glob("p[0-2].png"))))
     assert len(results) == 3 and all(isinstance(r, Prediction) for r in results)
