@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.cli import (INPUT_ERRORS, UsageError, add_model_flags, build_model, fail,
-                       read_checkpoint_and_config)
+from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, build_model,
+                       check_output_folder, fail, read_checkpoint_and_config)
 from utils.data import CLIP_MEAN, CLIP_STD
 from utils.files import atomic_write
 from utils.prediction import ONNX_FORMAT, ONNX_INPUT, ONNX_OUTPUTS, onnx_maps, sidecar_path
@@ -52,7 +52,7 @@ class AbnormalMaps(nn.Module):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Export VCP-CLIP (images -> raw, new maps) to ONNX")
+    p = ArgumentParser(description="Export VCP-CLIP (images -> raw, new maps) to ONNX")
     p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
     p.add_argument("--output", default="./vcp_clip.onnx",
                    help="the .onnx file; <output stem>.json is written beside it")
@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--precision {args.precision}: export supports {sorted(DTYPES)}")
     if Path(args.output).suffix != ".onnx":
         raise UsageError(f"--output {args.output}: expected a file name ending in .onnx")
+    check_output_folder(Path(args.output).parent, "--output")
     return args
 
 
@@ -104,7 +105,7 @@ def check_with_onnxruntime(output: Path, reference: AbnormalMaps, image_size: in
 
 def export(args: argparse.Namespace) -> dict:
     payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
-    model = build_model(args, cfg, payload, torch.device("cpu"))
+    model = build_model(args, cfg, payload, torch.device("cpu"), args.checkpoint_path)
     reference = AbnormalMaps(model)  # fp32
     graph = reference if args.precision == "fp32" else AbnormalMaps(
         copy.deepcopy(model), DTYPES[args.precision])

@@ -99,10 +99,14 @@ def test_bad_flags_are_one_line_errors(tmp_path, tiny_archive, tiny_checkpoint, 
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_missing_checkpoint_is_an_error(tmp_path, tiny_archive, capsys):
+def test_missing_checkpoint_or_output_folder_is_an_error(tmp_path, tiny_archive, tiny_checkpoint,
+                                                         capsys):
     assert run_export(tiny_archive, tmp_path / "none.pth",
                       "--output", tmp_path / "m.onnx") == 2
     assert "none.pth" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert run_export(tiny_archive, tiny_checkpoint, "--output", tmp_path / "a_file" / "m.onnx") == 2
+    assert "--output" in capsys.readouterr().err and not list(tmp_path.glob("**/*.onnx"))
 
 
 def run_predict(out, *inputs_and_flags) -> int:
@@ -160,6 +164,7 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos,
         (["--onnx", no_json], "alone.json is missing"),
         (["--onnx", other_size], "expected input images [B,3,42,42]"),
         (["--onnx", good, "--image_size", "42"], "--image_size cannot be used with --onnx"),
+        (["--onnx", good, "--device", "gpu"], "--device gpu: with --onnx, expected cpu, cuda"),
     ]
     for flags, message in cases:
         assert run_predict(tmp_path / "out", photos / "p0.png", *flags) == 2

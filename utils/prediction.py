@@ -211,10 +211,11 @@ def onnx_maps(onnx_path: str | Path, device: str | None = None,
         import onnxruntime as ort
     except ImportError:
         raise UsageError("--onnx needs onnxruntime (pip install onnxruntime)") from None
+    providers = _onnx_providers(ort, device, device_id)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: fp16 graphs warn about CPU constant folding
     try:
-        session = ort.InferenceSession(str(onnx_path), options, _onnx_providers(ort, device, device_id))
+        session = ort.InferenceSession(str(onnx_path), options, providers)
     except Exception as e:  # onnxruntime's own error types: a corrupt or foreign file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"--onnx {onnx_path} is not a readable ONNX model "
