@@ -104,7 +104,8 @@ Predictor = Callable[[list[Path]], Iterator[Prediction | Skipped]]
 def predictor(args: argparse.Namespace) -> Predictor:
     """The model and scoring the flags name, as one function of the image paths: what
     ``predict``, ``--calibrate`` and the inspection page (app.py) run. With ``--reference`` or
-    ``--mutual`` the images are scored folder by folder (``predict_groups``). With ``--onnx`` an exported graph makes the maps (zero-shot only)."""
+    ``--mutual`` the images are scored folder by folder (``predict_groups``). With ``--onnx`` an
+    exported graph makes the maps (zero-shot only)."""
     references = reference_paths(args)
     if args.onnx:
         maps_fn, image_size = onnx_model(args, references)

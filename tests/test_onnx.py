@@ -105,7 +105,8 @@ def test_missing_checkpoint_or_output_folder_is_an_error(tmp_path, tiny_archive,
                       "--output", tmp_path / "m.onnx") == 2
     assert "none.pth" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
-    assert run_export(tiny_archive, tiny_checkpoint, "--output", tmp_path / "a_file" / "m.onnx") == 2
+    bad_output = tmp_path / "a_file" / "m.onnx"
+    assert run_export(tiny_archive, tiny_checkpoint, "--output", bad_output) == 2
     assert "--output" in capsys.readouterr().err and not list(tmp_path.glob("**/*.onnx"))
 
 
