@@ -21,6 +21,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 IMAGES = 16  # per epoch: 16 steps of batch 1, 8 steps of 2 x 1 under two processes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The subprocesses run on one thread (ENV), so the in-process runs must too: another thread
+    count sums in another order, and Adam turns that float noise (where a gradient is ~eps) into
+    weight differences far above 1e-6."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from conftest import make_dataset
