@@ -2,7 +2,7 @@
 # The offline demo (`make demo`): build a small synthetic anomaly dataset from the photographs that
 # scikit-image ships, train VCP-CLIP on seven "auxiliary" products and test it zero-shot on six
 # products it has never seen -- with the real conversion, train.py and test.py -- then once more
-# with 4 normal images of each unseen product as few-shot references. About 4 minutes on 2 CPU
+# with 4 normal images of each unseen product as few-shot references. About 5 minutes on 2 CPU
 # cores. Everything goes to demo_output/ (git-ignored).
 #
 # The backbone is a small *randomly initialised* CLIP (no pretrained CLIP can be downloaded
