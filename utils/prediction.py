@@ -143,12 +143,20 @@ def _collate(items):
     return [i for i, _ in good], images, bad
 
 
+def _run_model(model: torch.nn.Module, device: torch.device, precision: str | None,
+               images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
+    """images [B,3,S,S] -> raw, new [B,S,S] float32 and the patch tokens, per layer [B,L,W]
+    (inference mode, the device's autocast)."""
+    with torch.inference_mode(), autocast(device, precision):
+        maps = model(images.to(device))
+        raw, new = maps.abnormal()  # [B, S, S] each
+    return raw.float().cpu().numpy(), new.float().cpu().numpy(), maps.patch_tokens
+
+
 def torch_maps(model: torch.nn.Module, device: torch.device, precision: str | None) -> MapsFn:
-    """The PyTorch model as a ``MapsFn`` (inference mode, the device's autocast)."""
+    """The PyTorch model as a ``MapsFn``."""
     def maps(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode(), autocast(device, precision):
-            raw, new = model(images.to(device)).abnormal()  # [B, S, S] each
-        return raw.float().cpu().numpy(), new.float().cpu().numpy()
+        return _run_model(model, device, precision, images)[:2]
     return maps
 
 
@@ -291,10 +299,7 @@ class PatchScoring:
 
     def forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
         """images [B,3,S,S] -> raw, new [B,S,S] float32 and the patch tokens, per layer [B,L,W]."""
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            maps = self.model(images.to(self.device))
-            raw, new = maps.abnormal()
-        return raw.float().cpu().numpy(), new.float().cpu().numpy(), maps.patch_tokens
+        return _run_model(self.model, self.device, self.precision, images)
 
     def reference_map(self, tokens: list[torch.Tensor], size: int) -> np.ndarray:
         """Per layer [B,L,W] -> [B,S,S] reference score maps."""
