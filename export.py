@@ -47,7 +47,7 @@ class AbnormalMaps(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, new = self.model(images.to(self.dtype)).abnormal()  # [B, S, S] each
+        raw, new = self.model(images.to(self.dtype)).abnormal(per_image=False)  # [B, S, S]
         return raw.float(), new.float()
 
 

@@ -11,7 +11,7 @@ from .post_vcp import PostVCP
 from .pre_vcp import PreVCP
 from .tokenizer import CLASS, CLASS_ID, Tokenizer
 
-__all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES", "upsample_patches"]
+__all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES", "patch_map", "upsample_patches"]
 
 # One template per state (SPEC §2); index 0 = normal, 1 = abnormal.
 TEMPLATES = ((f"a photo of a good {CLASS}",), (f"a photo of a damaged {CLASS}",))
@@ -48,17 +48,43 @@ class VCPConfig:
 
 @dataclass
 class AnomalyMaps:
-    """Per tapped layer, 2-channel softmax maps [B,2,S,S] (channel 1 = abnormal) of both branches,
-    and the L2-normalized patch tokens [B,L,W] (class token removed) that the Post-VCP branch
-    read: what few-shot and mutual scoring compare (``model/patch_scoring.py``)."""
+    """Per tapped layer, the patch logits [B,L,2] of both branches (channel 1 = abnormal), made into
+    maps at ``size`` on demand, and the L2-normalized patch tokens [B,L,W] (class token removed)
+    that the Post-VCP branch read: what few-shot and mutual scoring compare
+    (``model/patch_scoring.py``)."""
 
-    raw: list[torch.Tensor] = field(default_factory=list)  # linear branch (Pre-VCP text)
-    new: list[torch.Tensor] = field(default_factory=list)  # Post-VCP branch
+    size: int
+    raw_logits: list[torch.Tensor] = field(default_factory=list)  # linear branch (Pre-VCP text)
+    new_logits: list[torch.Tensor] = field(default_factory=list)  # Post-VCP branch
     patch_tokens: list[torch.Tensor] = field(default_factory=list)  # [B, L, W] per layer
 
-    def abnormal(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test-time maps (SPEC §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S])."""
-        return tuple(torch.stack([m[:, 1] for m in maps]).mean(0) for maps in (self.raw, self.new))
+    @property
+    def raw(self) -> list[torch.Tensor]:
+        """The linear branch's 2-channel softmax maps [B,2,S,S] per layer (training's loss)."""
+        return [patch_map(x, self.size) for x in self.raw_logits]
+
+    @property
+    def new(self) -> list[torch.Tensor]:
+        """The Post-VCP branch's 2-channel softmax maps [B,2,S,S] per layer."""
+        return [patch_map(x, self.size) for x in self.new_logits]
+
+    def abnormal(self, per_image: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-time maps (SPEC §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S]).
+
+        ``per_image``: make the maps one image at a time, or the whole batch at once; the values
+        are the same bit for bit (``tests/test_vcp_clip.py``). The default is one image at a time
+        on a CPU, where one image's eight 2-channel maps stay in cache and the whole batch's (over
+        100 MB at 518 px) do not, and the whole batch elsewhere and in an exported graph."""
+        per_image = self.raw_logits[0].device.type == "cpu" if per_image is None else per_image
+        b = self.raw_logits[0].shape[0]
+        chunks = [slice(i, i + 1) for i in range(b)] if per_image else [slice(None)]
+        return tuple(torch.cat([_mean_abnormal([x[c] for x in branch], self.size) for c in chunks])
+                     for branch in (self.raw_logits, self.new_logits))
+
+
+def _mean_abnormal(logits: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Per layer [b,L,2] -> the mean over layers of the abnormal channel of their maps [b,S,S]."""
+    return torch.stack([patch_map(x, size)[:, 1] for x in logits]).mean(0)
 
 
 def upsample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -66,8 +92,15 @@ def upsample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
     SPEC §6)."""
     b, c, n = x.shape
     h = int(round(n ** 0.5))
-    return F.interpolate(x.reshape(b, c, h, h), size=(size, size), mode="bilinear",
+    # Contiguous [B,C,h,h]: the same values, bit for bit, as the channels-last view that a
+    # transposed [B,L,C] gives (forward and backward; tests/test_vcp_clip.py), and 4x faster on a CPU.
+    return F.interpolate(x.reshape(b, c, h, h).contiguous(), size=(size, size), mode="bilinear",
                          align_corners=True)
+
+
+def patch_map(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """[B,L,2] patch logits -> [B,2,S,S] probabilities (bilinear, align_corners=True)."""
+    return upsample_patches(logits.transpose(1, 2), size).softmax(dim=1)
 
 
 class LinearLayers(nn.Module):
@@ -123,24 +156,20 @@ class VCPCLIP(nn.Module):
         states = feats.split(self.templates_per_state, dim=1)
         return torch.stack([F.normalize(s.mean(1), dim=-1) for s in states], dim=1)
 
-    def _to_map(self, logits: torch.Tensor, size: int) -> torch.Tensor:
-        """[B,L,2] patch logits -> [B,2,S,S] probabilities (bilinear, align_corners=True)."""
-        return upsample_patches(logits.transpose(1, 2), size).softmax(dim=1)
-
     def forward(self, images: torch.Tensor) -> AnomalyMaps:
         size = images.shape[-1]
         with torch.no_grad():  # the backbone is frozen (SPEC §7)
             image_features, tokens = self.clip.encode_image(images, self.cfg.features_list)
         text = self.encode_text(image_features)  # [B, 2, E]
-        maps = AnomalyMaps()
+        maps = AnomalyMaps(size)
         for fc, layer_tokens in zip(self.linear_layers.fc, tokens):
             patches = layer_tokens[:, 1:]  # [B, L, W], class token removed
             feats = F.normalize(fc(patches), dim=-1)  # [B, L, E]
             logits = self.pre_vcp.prompt_temp.exp() * feats @ text.transpose(1, 2)  # [B, L, 2]
-            maps.raw.append(self._to_map(logits, size))
+            maps.raw_logits.append(logits)
             patches = F.normalize(patches, dim=-1)
             maps.patch_tokens.append(patches)
             refined = self.post_vcp(text, patches)  # [B, 2, W]
             logits = self.post_vcp.prompt_temp_l1.exp() * patches @ refined.transpose(1, 2)
-            maps.new.append(self._to_map(logits, size))
+            maps.new_logits.append(logits)
         return maps

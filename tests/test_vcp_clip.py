@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import VCPCLIP, VCPConfig, load_clip
+from model.vcp_clip import AnomalyMaps
 from model.post_vcp import PostVCP
 from model.pre_vcp import PreVCP
 from model.tokenizer import CLASS_ID
@@ -145,8 +146,42 @@ def test_maps_corners_equal_patch_probabilities(clip, tiny_vcp_cfg):
             assert torch.allclose(got[:, :, 0, 0], probs[:, 0], atol=1e-6)
             assert torch.allclose(got[:, :, -1, -1], probs[:, -1], atol=1e-6)
     raw_mean, new_mean = maps.abnormal()
-    assert torch.allclose(raw_mean, torch.stack([m[:, 1] for m in maps.raw]).mean(0))
+    assert torch.equal(raw_mean, torch.stack([m[:, 1] for m in maps.raw]).mean(0))
+    assert torch.equal(new_mean, torch.stack([m[:, 1] for m in maps.new]).mean(0))
     assert new_mean.shape == (2, 56, 56)
+
+
+def reference_layout_maps(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """The original code's maps: [B,L,2] logits permuted and viewed as [B,2,h,h] (a channels-last
+    view, no copy), upsampled, softmax over the channel."""
+    b, n, c = logits.shape
+    h = int(n ** 0.5)
+    view = logits.permute(0, 2, 1).view(b, c, h, h)
+    assert view.is_contiguous(memory_format=torch.channels_last)
+    return F.interpolate(view, size=(size, size), mode="bilinear", align_corners=True).softmax(1)
+
+
+@pytest.mark.parametrize("b, grid, size", [(3, 4, 56), (2, 37, 518), (5, 16, 224), (1, 3, 42)])
+def test_maps_equal_the_reference_layout_bit_for_bit(b, grid, size):
+    """Contiguous upsampling and one image at a time change nothing: maps, test-time means and
+    gradients equal the original layout's exactly."""
+    torch.manual_seed(grid)
+    raw = (torch.randn(4, b, grid * grid, 2) * 5).requires_grad_()
+    new = torch.randn(4, b, grid * grid, 2) * 5
+    maps = AnomalyMaps(size, list(raw), list(new))
+    expected = [reference_layout_maps(x, size) for x in raw]
+    for got, want in zip(maps.raw, expected):
+        assert torch.equal(got, want)
+    weights = torch.randn(b, 2, size, size)
+    grads = [torch.autograd.grad(sum((m * weights).sum() for m in ms), raw)[0]
+             for ms in (maps.raw, expected)]
+    assert torch.equal(*grads)
+    with torch.no_grad():
+        want = tuple(torch.stack([reference_layout_maps(x, size)[:, 1] for x in branch]).mean(0)
+                     for branch in (raw, new))
+        for per_image in (True, False, None):
+            for got, w in zip(maps.abnormal(per_image), want):
+                assert torch.equal(got, w)
 
 
 def test_each_image_is_independent_of_its_batch(clip, tiny_vcp_cfg):
