@@ -172,8 +172,7 @@ class Evaluator:
         start = time.perf_counter()
         raw, new = np.stack(c.raw), np.stack(c.new)
         if c.patch:
-            patch = np.stack(c.patch)
-            raw, new = fuse_maps(raw, patch, self.fusion), fuse_maps(new, patch, self.fusion)
+            raw, new = fuse_maps(raw, new, np.stack(c.patch), self.fusion)
         masks = np.stack(c.masks)
         row, pixel_maps = evaluate_product(raw, new, masks, np.asarray(c.labels), c.name)
         seconds = time.perf_counter() - start

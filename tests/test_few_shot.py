@@ -63,7 +63,7 @@ def per_image_oracle(data_root, archive, checkpoint, patch_maps, fusion):
         side = int(math.isqrt(scores.shape[1]))
         patch = F.interpolate(scores.view(-1, 1, side, side).float(), size=cfg.image_size,
                               mode="bilinear", align_corners=True)[:, 0].numpy()
-        raw, new = (fuse_maps(np.stack(m), patch, fusion) for m in (raw, new))
+        raw, new = fuse_maps(np.stack(raw), np.stack(new), patch, fusion)
         rows[product] = naive_evaluate_product(raw, new, np.stack(masks), np.array(labels))
     return rows
 

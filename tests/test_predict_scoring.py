@@ -49,7 +49,7 @@ def oracle(archive, checkpoint, folders, scores_of, fusion):
             tokens.append([t[0] for t in maps.patch_tokens])
         layers = [torch.stack([t[k] for t in tokens]) for k in range(len(tokens[0]))]
         patch = score_map(scores_of(layers, model), 56).numpy()
-        raw, new = (fuse_maps(np.stack(m), patch, fusion) for m in (raw, new))
+        raw, new = fuse_maps(np.stack(raw), np.stack(new), patch, fusion)
         for path, amap, score in zip(paths, smoothed_blend(raw, new), image_scores(raw, new)):
             expected[path.stem] = (amap, score)
     return expected
@@ -59,7 +59,7 @@ def check_outputs(out, expected):
     with open(out / "scores.csv") as f:
         rows = {r["path"].rsplit("/", 1)[1][:-4]: float(r["image_score"]) for r in csv.DictReader(f)}
     assert set(rows) == set(expected)
-    for stem, (amap, score) in expected.items():  # "sum" maps are in units of spread: relative
+    for stem, (amap, score) in expected.items():
         np.testing.assert_allclose(np.load(out / "maps" / f"{stem}.npy"), amap, rtol=1e-5,
                                    atol=1e-5, err_msg=stem)
         assert rows[stem] == pytest.approx(float(score), rel=1e-5, abs=1e-5)

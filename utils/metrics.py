@@ -9,8 +9,8 @@ Three families live here:
 * **Map arithmetic** (:func:`product_maps`, built from :func:`smoothed_blend` and
   :func:`image_scores`): blend, Gaussian filter, product-wide min-max
   normalization and the top-k image score, all in float32 like the reference.
-  :func:`fuse_maps` *(ours)* combines a zero-shot branch map with a few-shot reference or mutual
-  score map before that arithmetic.
+  :func:`fuse_maps` *(ours)* combines the zero-shot branch maps with a few-shot reference or
+  mutual score map before that arithmetic.
 * **ROC / AP / F1 from one sort** (:func:`binary_curve` and the functions taking its result): the
   cumulative true/false-positive counts at every distinct score are computed once, and AUROC,
   average precision, the precision-recall curve, F1-max and its IoU are read off them. They equal
@@ -158,31 +158,37 @@ def _spread(x: np.ndarray) -> np.float32:
     return sd if sd > 0 else np.float32(1)
 
 
-def fuse_maps(zero_shot, patch, rule: str) -> np.ndarray:
-    """One zero-shot branch map combined with a patch-score map, float32 (ours).
+def fuse_maps(raw, new, patch, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both zero-shot branch maps combined with a patch-score map, float32 (ours).
 
     Args:
-        zero_shot: ``[N, H, W]`` abnormal map of one branch (softmax probabilities).
+        raw, new: ``[N, H, W]`` abnormal maps of the two branches (softmax probabilities).
         patch: ``[N, H, W]`` reference or mutual score (a distance ``1 - cos`` >= 0).
-        rule: ``"geometric"``: ``sqrt(zero_shot * patch)`` per pixel; ``"sum"``:
-            ``zero_shot / sd(zero_shot) + patch / sd(patch)``, each scaled by its standard
-            deviation over all pixels of the set (the images scored together); ``"alone"``: the
-            patch map as it is.
+        rule: ``"geometric"``: ``sqrt(branch * patch)`` per pixel; ``"sum"``: ``branch / sd(branch)
+            + patch / sd(patch)``, each scaled by its standard deviation over all pixels of the set
+            (the images scored together), both divided by one constant of the set that makes their
+            blend ``0.2 * raw + 0.8 * new`` a convex combination of raw, new and patch (so the
+            fused maps keep the zero-shot maps' scale, 0 to 1); ``"alone"``: the patch map.
+
+    Returns:
+        ``(raw, new)`` fused, ``[N, H, W]`` float32 each.
 
     Neither map's scale can drown the other: multiplying either by a constant multiplies the
-    geometric mean by a constant and leaves the sum unchanged, so the product-normalized maps and
-    every metric stay the same (``tests/test_metrics.py``).
+    geometric mean by a constant and leaves the sum unchanged, and a constant common to the set
+    changes no metric, as the product normalization removes it (``tests/test_metrics.py``).
     """
-    zero_shot = np.asarray(zero_shot, dtype=np.float32)
+    raw, new = _check_pair(raw, new, "fuse_maps")
     patch = np.maximum(np.asarray(patch, dtype=np.float32), 0)  # 1 - cos may round below 0
-    if zero_shot.shape != patch.shape:
-        raise ValueError(f"fuse_maps: shapes {zero_shot.shape} and {patch.shape} differ")
+    if raw.shape != patch.shape:
+        raise ValueError(f"fuse_maps: shapes {raw.shape} and {patch.shape} differ")
     if rule == "geometric":
-        return np.sqrt(zero_shot * patch)
+        return np.sqrt(raw * patch), np.sqrt(new * patch)
     if rule == "sum":
-        return zero_shot / _spread(zero_shot) + patch / _spread(patch)
+        w_raw, w_new, w_patch = 1 / _spread(raw), 1 / _spread(new), 1 / _spread(patch)
+        total = BLEND_RAW * w_raw + BLEND_NEW * w_new + w_patch  # the blend's weights sum to 1
+        return tuple((w / total) * x + (w_patch / total) * patch for x, w in ((raw, w_raw), (new, w_new)))
     if rule == "alone":
-        return patch
+        return patch, patch
     raise ValueError(f"fuse_maps: unknown rule {rule!r} (expected one of {FUSIONS})")
 
 

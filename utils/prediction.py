@@ -347,7 +347,7 @@ def predict_groups(paths: list[Path], scoring: PatchScoring, image_size: int, ba
         if not kept:
             continue
         patch = np.concatenate(patch) if patch else scoring.mutual_map(tokens, image_size)
-        raw, new = (fuse_maps(np.concatenate(m), patch, scoring.fusion) for m in (raw, new))
+        raw, new = fuse_maps(np.concatenate(raw), np.concatenate(new), patch, scoring.fusion)
         yield from _predictions(kept, paths, raw, new)
 
 
