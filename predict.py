@@ -168,11 +168,6 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
-    if shard.world > 1 and (args.reference is not None or args.mutual):
-        raise UsageError("--reference and --mutual score the images folder by folder in one "
-                         "process: run them without torchrun")
-    if shard.world > 1 and not args.device:
-        args.device_id = shard.local_rank  # one accelerator per process, if there are any
     check_mutual_folders(args, paths)
     run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
@@ -200,18 +195,23 @@ def warn_skipped(skipped: Skipped) -> None:
     print(f"warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
 
 
-def max_pixel_scores(run: Predictor, paths: list[Path], desc: str) -> list[float]:
-    """Each readable image's max pixel score; unreadable ones are skipped with a warning."""
-    scores = []
-    for result in tqdm(run(paths), total=len(paths), desc=desc, unit="image"):
+def max_pixel_scores(run: Predictor, paths: list[Path], desc: str, shard: Shard,
+                     batch_size: int) -> list[float]:
+    """Each readable image's max pixel score, in input order (this process scores its share);
+    unreadable ones are skipped with a warning."""
+    mine = shard.indices(len(paths), batch_size)
+    scores = {}
+    for result in tqdm(run([paths[i] for i in mine]), total=len(mine), desc=desc, unit="image",
+                       disable=not shard.main):
         if isinstance(result, Prediction):
-            scores.append(result.max_pixel_score)
+            scores[mine[result.index]] = result.max_pixel_score
         else:
             warn_skipped(result)
-    return scores
+    return [s for part in shard.gather(scores) for _, s in sorted(part.items())]
 
 
-def calibrate_threshold(args: argparse.Namespace) -> tuple[Calibration, list[float]]:
+def calibrate_threshold(args: argparse.Namespace,
+                        shard: Shard) -> tuple[Calibration, list[float]]:
     """T from ``--calibrate`` (and the recall on ``--defective``); the held-out normal images'
     max pixel scores beside it."""
     if args.inputs:
@@ -226,7 +226,8 @@ def calibrate_threshold(args: argparse.Namespace) -> tuple[Calibration, list[flo
         if not found:
             raise UsageError(f"--{flag} {sets[flag]}: no images found")
     run = predictor(args)
-    scores = {flag: max_pixel_scores(run, found, flag) for flag, found in paths.items()}
+    scores = {flag: max_pixel_scores(run, found, flag, shard, args.batch_size)
+              for flag, found in paths.items()}
     if not scores["calibrate"]:
         raise UsageError(f"--calibrate {args.calibrate}: none of the images could be read")
     return (calibrate(scores["calibrate"], args.false_alarm_rate, scores.get("defective", [])),
@@ -254,11 +255,18 @@ def report_calibration(c: Calibration, held_out: list[float]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     shard = Shard()
+    if shard.world > 1 and not args.device:
+        args.device_id = shard.local_rank  # one accelerator per process, if there are any
     try:
-        if args.calibrate is not None:
-            report_calibration(*calibrate_threshold(args))
-            return 0
+        if shard.world > 1 and (args.reference is not None or args.mutual):
+            raise UsageError("--reference and --mutual score the images folder by folder in one "
+                             "process: run them without torchrun")
         with shard:
+            if args.calibrate is not None:
+                calibration = calibrate_threshold(args, shard)
+                if shard.main:
+                    report_calibration(*calibration)
+                return 0
             rows, failed = predict(args, shard)
     except INPUT_ERRORS as e:
         return fail(e)

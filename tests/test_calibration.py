@@ -1,6 +1,10 @@
 """Threshold calibration: T against an exact-arithmetic oracle and numpy's quantile; the command."""
 import math
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +91,18 @@ def test_calibrate_command(tmp_path, tiny_archive, tiny_checkpoint, capsys):
     assert f"{sum(s > t for s in normal)} of 7 above T" in out
     assert f"{sum(s > t for s in defective)} of 3 above T" in out
     assert f"{sum(s > t for s in held_out)} of 4 above T" in out
+
+    # under torchrun each process scores its share: the same report, printed once
+    root = Path(predict.__file__).resolve().parent
+    flags = ["--calibrate", str(sets["normal"]), "--defective", str(sets["defective"]),
+             "--held_out", str(sets["held_out"]), "--false_alarm_rate", "0.3", *model]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(root / "predict.py"), *flags],
+                         capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == out
+    assert two.stderr.count("warning: skipped") == 1 and "broken.png" in two.stderr
 
 
 @pytest.mark.parametrize("flags,message", [
