@@ -96,14 +96,17 @@ def main(argv=None) -> None:
           f"batch {args.batch_size}, {precision}")
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 
-    def forward():
+    def forward(per_image: bool | None = None):
         with torch.inference_mode(), autocast(device, precision):
-            model(images).abnormal()
+            model(images).abnormal(per_image)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = timed(forward, device, args.iters, args.warmup)
     print(f"test forward: {args.batch_size / t:.1f} images/s ({t * 1000:.0f} ms/batch), "
           f"peak memory {peak_memory(device)}")
+    one, whole = (timed(lambda: forward(p), device, args.iters, args.warmup) for p in (True, False))
+    print(f"test forward with the maps made one image at a time {one * 1000:.0f} ms/batch, for the "
+          f"whole batch at once {whole * 1000:.0f} ms/batch ({whole / one:.2f}x)")
 
     if precision != "fp32":  # what autocast changes in the maps themselves
         with torch.inference_mode():

@@ -60,12 +60,13 @@ class AnomalyMaps:
 
     @property
     def raw(self) -> list[torch.Tensor]:
-        """The linear branch's 2-channel softmax maps [B,2,S,S] per layer (training's loss)."""
+        """The linear branch's 2-channel softmax maps [B,2,S,S] per layer (training's loss), made on
+        each access."""
         return [patch_map(x, self.size) for x in self.raw_logits]
 
     @property
     def new(self) -> list[torch.Tensor]:
-        """The Post-VCP branch's 2-channel softmax maps [B,2,S,S] per layer."""
+        """The Post-VCP branch's 2-channel softmax maps [B,2,S,S] per layer, made on each access."""
         return [patch_map(x, self.size) for x in self.new_logits]
 
     def abnormal(self, per_image: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
