@@ -3,7 +3,9 @@
     python bench/metrics.py                 # 60 maps of 518 x 518 (an MVTec-AD-sized product)
     python bench/metrics.py --n 4 --size 64 # CI smoke
 
-Also times pixel AUROC / AP / F1 (three scikit-learn calls vs one sort) unless --no-pixel.
+Also times pixel AUROC / AP / F1 (three scikit-learn calls vs one sort) unless --no-pixel, and
+two products' whole metrics (``evaluate_product``) in 2 threads vs one after the other, as
+test.py's metric threads run them (how far the GIL lets them scale).
 Asserts the values agree (|diff| < 1e-9); the LAST line is the AUPRO ratio: ``speedup: 57.3x``.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,7 +23,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.naive_metrics import naive_aupro_reference, naive_pixel_metrics  # noqa: E402
-from utils.metrics import aupro_reference, pixel_metrics  # noqa: E402
+from utils.metrics import aupro_reference, evaluate_product, pixel_metrics  # noqa: E402
 
 TOL = 1e-9
 
@@ -75,6 +78,13 @@ def main(argv=None) -> float:
             assert abs(ours[k] - ref[k]) < TOL, (k, ours[k], ref[k])
         print(f"pixel AUROC/AP/F1/IoU  scikit-learn x3: {t_ref:8.3f} s   one sort: {t_ours:8.3f} s"
               f"   ({t_ref / t_ours:.1f}x)  auroc_px={ours['auroc_px']:.6f}")
+
+    product = (maps, maps, masks, masks.any(axis=(1, 2)), "bench")
+    _, t_one = _timed(lambda: [evaluate_product(*product) for _ in range(2)])
+    with ThreadPoolExecutor(2) as pool:
+        _, t_two = _timed(lambda: list(pool.map(lambda _: evaluate_product(*product), range(2))))
+    print(f"2 products' metrics     one after the other: {t_one:6.3f} s   in 2 threads: "
+          f"{t_two:6.3f} s   ({t_one / t_two:.2f}x)")
 
     ref, t_ref = _timed(naive_aupro_reference, maps, masks)
     ours, t_ours = _timed(aupro_reference, maps, masks)
