@@ -95,8 +95,9 @@ class Product:
 def metric_threads() -> int:
     """Products whose metrics run at once: half the cores, 1 to 8 (NumPy's sorts and SciPy's
     filters release the GIL: 2 products in 2 threads are 1.62x faster than one after the other
-    on 2 cores, ``bench/metrics.py``). A product's metrics take 30-50 ms of CPU per image at 518 px, so 8 threads
-    keep up with a GPU's ~300 images/s where 4 would not; each holds one product's maps."""
+    on 2 cores, ``bench/metrics.py``). A product's metrics take 30-50 ms of CPU per image at
+    518 px, so 8 threads should keep up with a GPU's ~300 images/s where 4 would not; each holds
+    one product's maps."""
     return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 

@@ -452,7 +452,8 @@ def test_fuse_maps_sum_blend_is_a_convex_combination():
     rng = np.random.default_rng(1)
     raw, new = (rng.uniform(0, 1, (3, 8, 8)).astype(np.float32) ** k for k in (1, 3))
     patch = rng.uniform(0, 0.01, raw.shape).astype(np.float32)
-    blend = sum(w * m for w, m in zip((M.BLEND_RAW, M.BLEND_NEW), M.fuse_maps(raw, new, patch, "sum")))
+    fused = M.fuse_maps(raw, new, patch, "sum")
+    blend = M.BLEND_RAW * fused[0] + M.BLEND_NEW * fused[1]
     stacked = np.stack([raw, new, patch])
     assert (blend >= stacked.min(0) - 1e-6).all() and (blend <= stacked.max(0) + 1e-6).all()
     assert 0 <= blend.min() and blend.max() <= 1

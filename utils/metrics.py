@@ -186,7 +186,8 @@ def fuse_maps(raw, new, patch, rule: str) -> tuple[np.ndarray, np.ndarray]:
     if rule == "sum":
         w_raw, w_new, w_patch = 1 / _spread(raw), 1 / _spread(new), 1 / _spread(patch)
         total = BLEND_RAW * w_raw + BLEND_NEW * w_new + w_patch  # the blend's weights sum to 1
-        return tuple((w / total) * x + (w_patch / total) * patch for x, w in ((raw, w_raw), (new, w_new)))
+        return tuple((w / total) * x + (w_patch / total) * patch
+                     for x, w in ((raw, w_raw), (new, w_new)))
     if rule == "alone":
         return patch, patch
     raise ValueError(f"fuse_maps: unknown rule {rule!r} (expected one of {FUSIONS})")
