@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.forward import build, timed  # noqa: E402
-from export import AbnormalMaps, export_program, save_program  # noqa: E402
+from export import AbnormalMaps, export_program, save_program, template_vocabulary  # noqa: E402
 from utils.prediction import ONNX_INPUT, ONNX_OUTPUTS  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    maps = AbnormalMaps(build(args, cpu))
+    maps = AbnormalMaps(template_vocabulary(build(args, cpu)))
     print(f"{cpu_name()}, {args.threads} threads; {Path(args.config).stem} at {args.image_size} "
           f"px, batch {args.batch_size}, fp32")
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,6 +71,15 @@ def test_fp16_export_is_close_and_half_the_size(exported, tiny_archive, tiny_che
     assert meta["precision"] == "fp16" and max(meta["check_max_abs_diff"].values()) < 5e-3
 
 
+def test_graph_holds_only_the_template_rows_of_the_token_table(exported, tiny_cfg):
+    """The maps above equal the whole model's; the graph carries no [vocabulary, width] table."""
+    import onnx
+    graph = onnx.load(str(exported[56, "fp32"])).graph
+    shapes = [tuple(init.dims) for init in graph.initializer]
+    assert (tiny_cfg.vocab_size + 1, tiny_cfg.text_width) not in shapes  # <|class|> appended
+    assert max(dims[0] for dims in shapes if dims) < 1000
+
+
 def test_sidecar_says_what_a_reader_needs(exported, tiny_checkpoint, tiny_cfg):
     path = exported[56, "fp32"]
     meta = json.loads(path.with_suffix(".json").read_text())
