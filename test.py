@@ -15,6 +15,7 @@ the numbers are the paper's zero-shot ones, bit for bit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from model.patch_scoring import MUTUAL_FRACTION, mutual_score, reference_score, score_map
@@ -54,6 +55,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=at_least(1), default=8)
     g.add_argument("--num_workers", type=at_least(0), default=2)
     g.add_argument("--no_vis", action="store_true", help="skip the heat-map panels")
+    g = p.add_argument_group("runs that never lose work (ours)")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run in --save_path after the products its "
+                        f"{PROGRESS} lists (same flags)")
     g = p.add_argument_group("beyond zero-shot (ours)")
     g.add_argument("--k_shot", type=at_least(0), default=0,
                    help="K normal train images per product as references (default 0: zero-shot)")
@@ -69,6 +74,46 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+PROGRESS = "progress.json"  # the finished products' rows while a run is on
+NOT_IN_RUN = ("save_path", "resume", "num_workers", "no_vis", "device", "device_id")
+
+
+def run_key(args: argparse.Namespace) -> dict:
+    """What a run's rows depend on: every flag but where it writes, how fast and on what device
+    (JSON-normalized, as the progress file stores it)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_RUN}))
+
+
+def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
+    """With ``--resume``, the rows of the products that an interrupted run with the same flags
+    finished (its progress file); otherwise none."""
+    path = Path(args.save_path) / PROGRESS
+    if not args.resume:
+        return {}
+    if not path.exists():
+        print(f"note: --resume: no {path}; starting from the first product", file=sys.stderr)
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        key, rows = saved["run"], saved["products"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--resume: {path} is not a progress file of test.py: {e!r}") from None
+    now = run_key(args)
+    changed = sorted(k for k in key.keys() | now.keys() if key.get(k) != now.get(k))
+    if changed:
+        raise UsageError(f"--resume: {path} is from a run with other flags: "
+                         f"{', '.join('--' + k for k in changed)}")
+    return rows
+
+
+def first_to_read(dataset: AnomalyDataset, done: dict, batch_size: int) -> int:
+    """The first image the loader reads when the products in ``done`` are finished: the start of
+    the batch, as an uninterrupted run batches them, that holds the first unfinished product's
+    first image (so every image meets the same batch and gets the same numbers)."""
+    todo = [r.start for p, r in dataset.product_ranges.items() if p not in done]
+    return todo[0] // batch_size * batch_size if todo else len(dataset)
 
 
 def check_scoring_flags(args: argparse.Namespace) -> None:
@@ -108,11 +153,14 @@ class Evaluator:
 
     def __init__(self, data_root: Path, save_path: Path, visualize: bool,
                  threads: int | None = None, fusion: str | None = None,
-                 mutual_fraction: float = MUTUAL_FRACTION):
+                 mutual_fraction: float = MUTUAL_FRACTION, run: dict | None = None,
+                 done: dict[str, dict] | None = None):
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
         self.fusion = fusion  # how a patch-score map joins the zero-shot maps, if there is one
         self.mutual_fraction = mutual_fraction
-        self.rows: dict[str, dict] = {}
+        self.run = run  # run_key of the flags, for the progress file
+        self.rows: dict[str, dict] = dict(done or {})  # finished products, in meta-file order
+        self.done = set(self.rows)  # finished by an earlier run (--resume): their images skipped
         self.images = 0
         # seconds per stage; "metrics" and "panels" are the background threads' own time,
         # "metrics_wait" / "panels_wait" the wall time the main thread waited for them
@@ -131,6 +179,8 @@ class Evaluator:
     def add(self, product, raw, new, mask, label, path, patch=None, tokens=None) -> None:
         """One test image; ``patch`` its reference score map [S,S], ``tokens`` its patch tokens
         per layer [L,W] (mutual scoring waits for the whole product)."""
+        if product in self.done:
+            return
         if self.current is None or self.current.name != product:
             self.finish()
             if product in self.seen:
@@ -192,6 +242,9 @@ class Evaluator:
         name, job = self.jobs.popleft()
         row, seconds, panels = job.result()
         self.rows[name] = row
+        if self.run is not None:
+            atomic_write(self.save_path / PROGRESS,
+                         json.dumps({"run": self.run, "products": self.rows}, indent=1))
         self.seconds["metrics"] += seconds
         self.seconds["metrics_wait"] += time.perf_counter() - start
         self._wait_for_panels()
@@ -213,8 +266,13 @@ class Evaluator:
         self.panels = []
         self.seconds["panels_wait"] += time.perf_counter() - start
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Finishes the products in flight and stops the threads. After a failure (``failed``)
+        the product being read is dropped; the ones already handed over are still finished and
+        recorded in the progress file, for ``--resume``."""
         try:
+            if failed:
+                self.current = None
             self.finish()
             while self.jobs:
                 self._collect()
@@ -281,41 +339,50 @@ def run(args: argparse.Namespace) -> Evaluator:
     check_output_folder(args.save_path, "--save_path")
     references = (choose_references(args.data_path, args.dataset, dataset.products, args.k_shot,
                                     args.seed) if args.k_shot else {})
+    done = resumed_rows(args)
     device = select_device(args)
     model = build_model(args, cfg, payload, device, args.checkpoint_path)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    first = first_to_read(dataset, done, args.batch_size)
+    loader = DataLoader(Subset(dataset, range(first, len(dataset))), batch_size=args.batch_size,
+                        shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
     save_path = Path(args.save_path)
     scoring = scoring_of(args, references)
     evaluator = Evaluator(Path(args.data_path), save_path, not args.no_vis,
                           fusion=args.fusion if scoring else None,
-                          mutual_fraction=args.mutual_fraction)
+                          mutual_fraction=args.mutual_fraction, run=run_key(args), done=done)
     root = Path(args.data_path)
     reference_maps = ReferenceMaps(references, lambda paths: memory_of(
         [root / p for p in paths], model, device, args.precision, cfg.image_size,
         args.batch_size)) if references else None
     start = time.time()
-    with torch.inference_mode(), autocast(device, args.precision):
-        for batch in tqdm(loader, desc=f"test {args.dataset}", unit="batch"):
-            tick = time.perf_counter()
-            maps = model(batch["image"].to(device, non_blocking=True))
-            raw, new = (m.float().cpu().numpy() for m in maps.abnormal())
-            evaluator.seconds["forward"] += time.perf_counter() - tick
-            patch = None
-            if reference_maps:
+    try:
+        with torch.inference_mode(), autocast(device, args.precision):
+            for batch in tqdm(loader, desc=f"test {args.dataset}", unit="batch"):
                 tick = time.perf_counter()
-                patch = reference_maps(batch["product"], maps.patch_tokens, raw.shape[-1])
-                evaluator.seconds["patch_scoring"] += time.perf_counter() - tick
-            masks = batch["mask"][:, 0].numpy() > 0.5
-            for i, product in enumerate(batch["product"]):
-                evaluator.add(product, raw[i], new[i], masks[i], int(batch["anomaly"][i]),
-                              batch["path"][i], None if patch is None else patch[i],
-                              [t[i] for t in maps.patch_tokens] if args.mutual else None)
+                maps = model(batch["image"].to(device, non_blocking=True))
+                raw, new = (m.float().cpu().numpy() for m in maps.abnormal())
+                evaluator.seconds["forward"] += time.perf_counter() - tick
+                patch = None
+                if reference_maps:
+                    tick = time.perf_counter()
+                    patch = reference_maps(batch["product"], maps.patch_tokens, raw.shape[-1])
+                    evaluator.seconds["patch_scoring"] += time.perf_counter() - tick
+                masks = batch["mask"][:, 0].numpy() > 0.5
+                for i, product in enumerate(batch["product"]):
+                    evaluator.add(product, raw[i], new[i], masks[i], int(batch["anomaly"][i]),
+                                  batch["path"][i], None if patch is None else patch[i],
+                                  [t[i] for t in maps.patch_tokens] if args.mutual else None)
+    except BaseException:  # an unreadable image, Ctrl-C: keep the products already handed over
+        with contextlib.suppress(Exception):  # a second failure must not hide the first
+            evaluator.close(failed=True)
+        raise
     evaluator.close()
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in evaluator.seconds.items())
     header = (f"dataset {args.dataset}, checkpoint {args.checkpoint_path}, "
               f"{len(dataset)} images, {time.time() - start:.1f} s ({stages})")
     print(write_results(evaluator.rows, save_path, header, scoring))
+    (save_path / PROGRESS).unlink(missing_ok=True)  # metrics.json has it all now
     return evaluator
 
 

@@ -140,3 +140,42 @@ def test_several_metric_threads_give_the_same_table(tmp_path, tiny_archive, tiny
     assert list(got[0]["products"]) == list(got[1]["products"])
     assert json.dumps(got[0]) == json.dumps(got[1])
     assert len(list((three / "imgs").rglob("*.png"))) == 16
+
+
+def test_resume_after_a_failure_equals_an_uninterrupted_run(tmp_path, tiny_data, tiny_archive,
+                                                            tiny_checkpoint, capsys):
+    """A run that fails in its second product keeps the first one's row (progress.json); with
+    --resume it reads only from the batch that holds the second product's first image and ends
+    with the uninterrupted run's metrics.json, every number equal."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    assert run_test(tmp_path / "whole", data, tiny_archive, tiny_checkpoint)[0] == 0
+    entries = AnomalyDataset(data, "toy", "test", image_size=56).entries  # cube 0-5, disc 6-11
+    last = data / entries[-1]["img_path"]  # disc's last image, in the batch [8, 12)
+    original = last.read_bytes()
+    last.write_bytes(original[:300])
+    code, out = run_test(tmp_path, data, tiny_archive, tiny_checkpoint)
+    assert code == 2 and "(product 'disc')" in capsys.readouterr().err
+    assert list(json.loads((out / "progress.json").read_text())["products"]) == ["cube"]
+    assert not (out / "metrics.json").exists()
+    last.write_bytes(original)
+    (data / entries[0]["img_path"]).write_bytes(b"")  # cube's first image: never read again
+    code, _ = run_test(tmp_path, data, tiny_archive, tiny_checkpoint, "--resume", "--seed", "5")
+    assert code == 2 and "other flags: --seed" in capsys.readouterr().err
+    code, out = run_test(tmp_path, data, tiny_archive, tiny_checkpoint, "--resume")
+    assert code == 0 and not (out / "progress.json").exists()
+    whole = json.loads((tmp_path / "whole" / "out" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == whole
+    assert len(list((out / "imgs").rglob("*.png"))) == 12
+
+
+@pytest.mark.parametrize("done,batch,first", [((), 4, 0), (("cube",), 4, 4), (("cube",), 3, 6),
+                                              (("cube",), 8, 0), (("cube", "disc"), 4, 12)])
+def test_resume_reads_from_the_batch_boundary(tiny_data, done, batch, first):
+    """cube is images 0-5, disc 6-11: a resumed run starts at the batch (of an uninterrupted
+    run) that holds disc's first image, so every image meets the same batch neighbours."""
+    dataset = AnomalyDataset(tiny_data, "toy", "test", image_size=56)
+    assert {p: (r.start, r.stop) for p, r in dataset.product_ranges.items()} == {
+        "cube": (0, 6), "disc": (6, 12)}
+    assert test_script.first_to_read(dataset, dict.fromkeys(done), batch) == first
