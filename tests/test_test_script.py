@@ -179,3 +179,21 @@ def test_resume_reads_from_the_batch_boundary(tiny_data, done, batch, first):
     assert {p: (r.start, r.stop) for p, r in dataset.product_ranges.items()} == {
         "cube": (0, 6), "disc": (6, 12)}
     assert test_script.first_to_read(dataset, dict.fromkeys(done), batch) == first
+
+
+def test_ctrl_c_keeps_the_products_handed_over(tmp_path, tiny_data, tiny_archive, tiny_checkpoint,
+                                               monkeypatch):
+    """Ctrl-C (or SIGTERM, which test.py turns into the same exit) while the second product is
+    read: the first one, already handed to the metric threads, is finished and recorded."""
+    add = test_script.Evaluator.add
+
+    def interrupted(self, product, *rest, **kw):
+        add(self, product, *rest, **kw)
+        if product == "disc":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(test_script.Evaluator, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_test(tmp_path, tiny_data, tiny_archive, tiny_checkpoint)
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert list(progress["products"]) == ["cube"]
+    assert not (tmp_path / "out" / "metrics.json").exists()
