@@ -25,11 +25,16 @@ zero-shot maps (``--fusion``).
 
 ``--onnx model.onnx`` runs a graph that ``export.py`` wrote on ONNX Runtime instead of PyTorch
 (image size from its JSON; the model flags do not apply) and writes the same outputs.
+
+A stopped run continues with the same command and ``--resume``: ``<save_path>/progress/`` holds
+the rows of the images finished so far (removed once ``scores.csv`` is written).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,6 +46,7 @@ from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags,
                        at_least, build_model, check_output_folder, fail,
                        read_checkpoint_and_config, select_device)
+from utils.files import atomic_write
 from utils.metrics import FUSIONS
 from utils.prediction import (MapsFn, OutputWriter, PatchScoring, Prediction, Shard, Skipped,
                               expand_inputs, folder_groups, memory_of, onnx_maps, predict_groups,
@@ -66,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--num_workers", type=at_least(0), default=2)
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue a stopped run in --save_path after the images its "
+                        f"{PROGRESS}/ lists (same inputs and flags; zero-shot scoring)")
     add_onnx_flag(p)
     c = p.add_argument_group("threshold calibration (instead of INPUTs; utils/calibration.py)")
     c.add_argument("--calibrate", metavar="NORMAL", default=None,
@@ -159,6 +168,77 @@ def onnx_model(args: argparse.Namespace, references: list[Path] | None) -> tuple
     return maps_fn, meta["input"]["image_size"]
 
 
+PROGRESS = "progress"  # <save_path>/progress/: run.json, and rank<r>.jsonl per process
+NOT_IN_RUN = ("save_path", "resume", "num_workers", "device", "device_id")
+
+
+class Progress:
+    """The images finished so far, so that a stopped run continues with ``--resume``:
+    ``run.json`` (the flags and the input list) and, per process, ``rank<r>.jsonl``, a line per
+    image appended once its files are written (its row, or that it was skipped)."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[Path], shard: Shard):
+        self.folder, self.shard = Path(args.save_path) / PROGRESS, shard
+        self.run = json.loads(json.dumps({**{k: v for k, v in vars(args).items()
+                                             if k not in NOT_IN_RUN},
+                                          "inputs": [str(p) for p in paths]}))
+        self.rows: dict[int, dict] = {}  # input index -> scores.csv row
+        self.skipped: dict[int, str] = {}  # input index -> path
+        resume = args.resume and self._resumable()
+        if resume:
+            self._read()
+        elif shard.main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            atomic_write(self.folder / "run.json", json.dumps(self.run))
+        shard.gather(None)  # every process has read (or process 0 has cleared) before any writes
+        self.file = open(self.folder / f"rank{shard.rank}.jsonl", "a")
+
+    def _resumable(self) -> bool:
+        if (self.folder / "run.json").exists():
+            return True
+        if self.shard.main:
+            print(f"note: --resume: no {self.folder / 'run.json'}; starting from the first "
+                  "image", file=sys.stderr)
+        return False
+
+    def _read(self) -> None:
+        path = self.folder / "run.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--resume: {path} is not a progress file of predict.py: {e!r}")
+        changed = sorted(k for k in saved.keys() | self.run.keys()
+                         if saved.get(k) != self.run.get(k))
+        names = [f"--{k}" if k != "inputs" else "INPUTs" for k in changed]
+        if changed:
+            raise UsageError(f"--resume: {path} is from a run with other {', '.join(names)}")
+        for part in sorted(self.folder.glob("rank*.jsonl")):
+            for line in part.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                except ValueError:  # the line that a stop cut short
+                    continue
+                if "row" in item:
+                    self.rows[item["index"]] = item["row"]
+                else:
+                    self.skipped[item["index"]] = item["skipped"]
+
+    def finished(self, index: int) -> bool:
+        return index in self.rows or index in self.skipped
+
+    def record(self, index: int, row: dict | None = None, skipped: str | None = None) -> None:
+        item = {"index": index, "row": row} if row is not None else {"index": index,
+                                                                     "skipped": skipped}
+        self.file.write(json.dumps(item) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        """After ``scores.csv``: the progress is no longer needed."""
+        self.file.close()
+        if self.shard.main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[str]]:
     """This process's share of the inputs (all of them in a plain run); every process returns
     the rows of all inputs in input order and the skipped paths."""
@@ -169,25 +249,38 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
     check_mutual_folders(args, paths)
+    if args.resume and (args.reference is not None or args.mutual):
+        raise UsageError("--resume: --reference and --mutual fuse the maps folder by folder; "
+                         "run them again whole")
+    progress = Progress(args, paths, shard)
     run = predictor(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)  # over all inputs: the same in every process
     mine = shard.indices(len(paths), args.batch_size)
-    rows, failed = {}, {}
-    for result in tqdm(run([paths[i] for i in mine]), total=len(mine), desc="predict",
-                       unit="image", disable=not shard.main):
-        index = mine[result.index]
+    rows = {i: progress.rows[i] for i in mine if i in progress.rows}
+    failed = {i: progress.skipped[i] for i in mine if i in progress.skipped}
+    # from the batch (as an uninterrupted run batches them) of the first unfinished image
+    todo = [k for k, i in enumerate(mine) if not progress.finished(i)]
+    start = todo[0] // args.batch_size * args.batch_size if todo else len(mine)
+    for result in tqdm(run([paths[i] for i in mine[start:]]), total=len(mine) - start,
+                       desc="predict", unit="image", disable=not shard.main):
+        index = mine[start + result.index]
+        if progress.finished(index):
+            continue
         if isinstance(result, Prediction):
             writer.write(names[index], result)
             rows[index] = result.row()
+            progress.record(index, row=rows[index])
         else:  # reported by the one process that owns the file
             warn_skipped(result)
             failed[index] = str(result.path)
+            progress.record(index, skipped=failed[index])
     gathered = shard.gather((rows, failed))
     rows = [r for i, r in sorted(i_r for part, _ in gathered for i_r in part.items())]
     failed = [p for i, p in sorted(i_p for _, part in gathered for i_p in part.items())]
     if shard.main:
         writer.write_scores(rows)
+    progress.close()
     return rows, failed
 
 
@@ -217,6 +310,8 @@ def calibrate_threshold(args: argparse.Namespace,
     if args.inputs:
         raise UsageError(f"--calibrate takes no INPUTs (got {args.inputs}); segment them "
                          "afterwards with --threshold T")
+    if args.resume:
+        raise UsageError("--resume continues a stopped segmentation of INPUTs, not --calibrate")
     if not 0.0 <= args.false_alarm_rate < 1.0:
         raise UsageError(f"--false_alarm_rate: expected a number in [0, 1), got "
                          f"{args.false_alarm_rate}")

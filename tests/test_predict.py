@@ -122,3 +122,41 @@ def test_shards_are_whole_batches_covering_every_input_once(monkeypatch, n, batc
     assert all(b[0] % batch == 0 for b in blocks if b)
     counts = [-(-len(b) // batch) for b in blocks]
     assert max(counts) - min(counts) <= 1
+
+
+def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
+        tmp_path, folder, tiny_archive, tiny_checkpoint, monkeypatch, capsys):
+    """A write that fails at the 4th input (d_rgba.png, batches of 2) leaves a, b, c recorded in
+    progress/; --resume reads from d's batch on (a.png is not read again) and writes every file of
+    an uninterrupted run, byte for byte, and the same summary."""
+    from utils.prediction import OutputWriter
+    flags = [folder, "--threshold", "0.5", "--save_maps"]
+    assert run(tmp_path / "whole", tiny_archive, tiny_checkpoint, *flags) == 0
+    whole = capsys.readouterr().out
+    write = OutputWriter.write
+
+    def full_disk(self, name, prediction):
+        if name == "d_rgba":
+            raise OSError(28, "No space left on device")
+        write(self, name, prediction)
+    monkeypatch.setattr(OutputWriter, "write", full_disk)
+    with pytest.raises(OSError):
+        run(tmp_path, tiny_archive, tiny_checkpoint, *flags)
+    monkeypatch.setattr(OutputWriter, "write", write)
+    lines = (tmp_path / "out" / "progress" / "rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and not (tmp_path / "out" / "scores.csv").exists()
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, *flags, "--threshold", "0.6",
+               "--resume") == 2
+    assert "other --threshold" in capsys.readouterr().err
+    (tmp_path / "out" / "progress" / "rank0.jsonl").open("a").write('{"index": 4, "ro')  # cut
+    image = (folder / "a.png").read_bytes()
+    (folder / "a.png").write_bytes(b"")  # would be skipped if it were read again
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, *flags, "--resume") == 0
+    (folder / "a.png").write_bytes(image)
+    assert capsys.readouterr().out == whole
+    out, ref = tmp_path / "out", tmp_path / "whole" / "out"
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
+    assert not (out / "progress").exists()
+    for rel in files:
+        assert (out / rel).read_bytes() == (ref / rel).read_bytes(), rel
