@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from model.patch_scoring import MUTUAL_FRACTION
 from utils.calibration import Calibration, alarm_rate, calibrate
-from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags,
-                       at_least, build_model, check_output_folder, fail,
+from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, OutputError, UsageError,
+                       add_model_flags, at_least, build_model, check_output_folder, fail,
                        read_checkpoint_and_config, select_device)
 from utils.files import atomic_write
 from utils.metrics import FUSIONS
@@ -268,7 +268,12 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
         if progress.finished(index):
             continue
         if isinstance(result, Prediction):
-            writer.write(names[index], result)
+            try:
+                writer.write(names[index], result)
+            except OSError as e:
+                raise OutputError(f"cannot write the outputs of {result.path} in "
+                                  f"{args.save_path}: {e.strerror or e}; the images before it "
+                                  "are kept: rerun with --resume") from None
             rows[index] = result.row()
             progress.record(index, row=rows[index])
         else:  # reported by the one process that owns the file

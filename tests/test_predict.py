@@ -140,8 +140,10 @@ def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
             raise OSError(28, "No space left on device")
         write(self, name, prediction)
     monkeypatch.setattr(OutputWriter, "write", full_disk)
-    with pytest.raises(OSError):
-        run(tmp_path, tiny_archive, tiny_checkpoint, *flags)
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, *flags) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: cannot write the outputs of" in err
+    assert "d_rgba.png" in err and "No space left on device" in err and "--resume" in err
     monkeypatch.setattr(OutputWriter, "write", write)
     lines = (tmp_path / "out" / "progress" / "rank0.jsonl").read_text().splitlines()
     assert len(lines) == 3 and not (tmp_path / "out" / "scores.csv").exists()

@@ -26,8 +26,12 @@ class UsageError(ValueError):
     """Bad flags or inputs found before any model work; the scripts print it without a traceback."""
 
 
-# What a user's flags, files or data can get wrong: reported as one line, never a traceback.
-INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError, ConfigError)
+class OutputError(OSError):
+    """An output that could not be written (a full disk, a folder made read-only mid-run)."""
+
+
+# What a user's flags, files, data or disk can get wrong: reported as one line, never a traceback.
+INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError, ConfigError, OutputError)
 
 
 def fail(error: Exception) -> int:
