@@ -187,3 +187,30 @@ def test_the_page_takes_an_exported_model_too(exported, photos):
     results = list(predict.predictor(args)(sorted(photos.glob("p[0-2].png"))))
     assert len(results) == 3 and all(isinstance(r, Prediction) for r in results)
     assert all(r.amap.shape == (56, 56) for r in results)
+
+
+@pytest.mark.parametrize("device,device_id,available,expected", [
+    (None, 3, ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (None, 3, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+     [("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]),
+    ("cpu", 0, ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    ("cuda:1", 0, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+     [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]),
+    ("cuda", 2, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+     [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]),
+    ("cuda", 0, ["CPUExecutionProvider"], "has no CUDA provider"),
+    ("gpu", 0, ["CPUExecutionProvider"], "expected cpu, cuda or cuda:N"),
+    ("cuda:x", 0, ["CUDAExecutionProvider"], "expected cpu, cuda or cuda:N"),
+    ("mps", 0, ["CPUExecutionProvider"], "expected cpu, cuda or cuda:N"),
+])
+def test_device_names_the_onnx_runtime_provider(device, device_id, available, expected):
+    from types import SimpleNamespace
+
+    from utils.cli import UsageError
+    from utils.prediction import _onnx_providers
+    fake = SimpleNamespace(get_available_providers=lambda: available)
+    if isinstance(expected, str):
+        with pytest.raises(UsageError, match=expected):
+            _onnx_providers(fake, device, device_id)
+    else:
+        assert _onnx_providers(fake, device, device_id) == expected

@@ -188,23 +188,29 @@ def read_sidecar(onnx_path: Path) -> dict:
     return meta
 
 
+ORT_CPU, ORT_GPU = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
 def _onnx_providers(ort, device: str | None, device_id: int) -> list:
-    """``device`` None: CUDA (GPU ``device_id``) where onnxruntime-gpu is installed, else the CPU;
-    ``cpu``; ``cuda`` or ``cuda:N`` (an error where the CUDA provider is missing)."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    index = device_id
-    if device is not None:
-        kind, _, number = device.partition(":")
-        if kind != "cuda" or not (number.isdigit() or number == ""):
-            raise UsageError(f"--device {device}: with --onnx, expected cpu, cuda or cuda:N")
-        index = int(number) if number else device_id
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        if device is not None:
-            raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider "
-                             "(install onnxruntime-gpu)")
-        return ["CPUExecutionProvider"]
-    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    """``device`` None: the GPU provider (GPU ``device_id``) where onnxruntime-gpu is installed,
+    else the CPU; otherwise a PyTorch device whose type names ONNX Runtime's provider (``cpu``;
+    ``cuda`` or ``cuda:N``), an error where that provider is missing."""
+    if device is None:
+        return [(ORT_GPU, {"device_id": device_id}), ORT_CPU] if (
+            ORT_GPU in ort.get_available_providers()) else [ORT_CPU]
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    provider = parsed and f"{parsed.type.upper()}ExecutionProvider"
+    if provider not in (ORT_CPU, ORT_GPU):
+        raise UsageError(f"--device {device}: with --onnx, expected cpu, cuda or cuda:N")
+    if provider == ORT_CPU:
+        return [ORT_CPU]
+    if ORT_GPU not in ort.get_available_providers():
+        raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider "
+                         "(install onnxruntime-gpu)")
+    return [(ORT_GPU, {"device_id": device_id if parsed.index is None else parsed.index}), ORT_CPU]
 
 
 def onnx_maps(onnx_path: str | Path, device: str | None = None,
