@@ -44,8 +44,8 @@ from tqdm import tqdm
 from model.patch_scoring import MUTUAL_FRACTION
 from utils.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, OutputError, UsageError,
-                       add_model_flags, at_least, build_model, check_output_folder, fail,
-                       read_checkpoint_and_config, select_device)
+                       add_model_flags, at_least, build_model, changed_keys, check_output_folder,
+                       fail, read_checkpoint_and_config, run_flags, select_device)
 from utils.files import atomic_write
 from utils.metrics import FUSIONS
 from utils.prediction import (MapsFn, OutputWriter, PatchScoring, Prediction, Shard, Skipped,
@@ -179,9 +179,7 @@ class Progress:
 
     def __init__(self, args: argparse.Namespace, paths: list[Path], shard: Shard):
         self.folder, self.shard = Path(args.save_path) / PROGRESS, shard
-        self.run = json.loads(json.dumps({**{k: v for k, v in vars(args).items()
-                                             if k not in NOT_IN_RUN},
-                                          "inputs": [str(p) for p in paths]}))
+        self.run = run_flags(args, NOT_IN_RUN, inputs=[str(p) for p in paths])
         self.rows: dict[int, dict] = {}  # input index -> scores.csv row
         self.skipped: dict[int, str] = {}  # input index -> path
         resume = args.resume and self._resumable()
@@ -207,10 +205,9 @@ class Progress:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise UsageError(f"--resume: {path} is not a progress file of predict.py: {e!r}")
-        changed = sorted(k for k in saved.keys() | self.run.keys()
-                         if saved.get(k) != self.run.get(k))
-        names = [f"--{k}" if k != "inputs" else "INPUTs" for k in changed]
+        changed = changed_keys(saved, self.run)
         if changed:
+            names = [f"--{k}" if k != "inputs" else "INPUTs" for k in changed]
             raise UsageError(f"--resume: {path} is from a run with other {', '.join(names)}")
         for part in sorted(self.folder.glob("rank*.jsonl")):
             for line in part.read_text().splitlines():

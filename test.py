@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from model.patch_scoring import MUTUAL_FRACTION, mutual_score, reference_score, score_map
 from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
-                       autocast, build_model, check_output_folder, fail,
-                       read_checkpoint_and_config, seed_everything, select_device)
+                       autocast, build_model, changed_keys, check_output_folder, fail,
+                       read_checkpoint_and_config, run_flags, seed_everything, select_device)
 from utils.data import AnomalyDataset, DataError, choose_references
 from utils.files import atomic_write
 from utils.metrics import FUSIONS, evaluate_product, format_table, fuse_maps, mean_row
@@ -81,12 +81,6 @@ PROGRESS = "progress.json"  # the finished products' rows while a run is on
 NOT_IN_RUN = ("save_path", "resume", "num_workers", "no_vis", "device", "device_id")
 
 
-def run_key(args: argparse.Namespace) -> dict:
-    """What a run's rows depend on: every flag but where it writes, how fast and on what device
-    (JSON-normalized, as the progress file stores it)."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_RUN}))
-
-
 def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
     """With ``--resume``, the rows of the products that an interrupted run with the same flags
     finished (its progress file); otherwise none."""
@@ -101,8 +95,7 @@ def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
         key, rows = saved["run"], saved["products"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--resume: {path} is not a progress file of test.py: {e!r}") from None
-    now = run_key(args)
-    changed = sorted(k for k in key.keys() | now.keys() if key.get(k) != now.get(k))
+    changed = changed_keys(key, run_flags(args, NOT_IN_RUN))
     if changed:
         raise UsageError(f"--resume: {path} is from a run with other flags: "
                          f"{', '.join('--' + k for k in changed)}")
@@ -159,7 +152,7 @@ class Evaluator:
         self.data_root, self.save_path, self.visualize = data_root, save_path, visualize
         self.fusion = fusion  # how a patch-score map joins the zero-shot maps, if there is one
         self.mutual_fraction = mutual_fraction
-        self.run = run  # run_key of the flags, for the progress file
+        self.run = run  # run_flags of the flags, for the progress file
         self.rows: dict[str, dict] = dict(done or {})  # finished products, in meta-file order
         self.done = set(self.rows)  # finished by an earlier run (--resume): their images skipped
         self.images = 0
@@ -351,7 +344,8 @@ def run(args: argparse.Namespace) -> Evaluator:
     scoring = scoring_of(args, references)
     evaluator = Evaluator(Path(args.data_path), save_path, not args.no_vis,
                           fusion=args.fusion if scoring else None,
-                          mutual_fraction=args.mutual_fraction, run=run_key(args), done=done)
+                          mutual_fraction=args.mutual_fraction, run=run_flags(args, NOT_IN_RUN),
+                          done=done)
     root = Path(args.data_path)
     reference_maps = ReferenceMaps(references, lambda paths: memory_of(
         [root / p for p in paths], model, device, args.precision, cfg.image_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import sys
@@ -59,6 +60,19 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
     return parse
+
+
+def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> dict:
+    """What a run's results depend on, for ``--resume``: its flags but ``ignored`` (where it
+    writes, how fast, on what device), and ``extra``; JSON-normalized, as a progress file keeps
+    them."""
+    kept = {k: v for k, v in vars(args).items() if k not in ignored}
+    return json.loads(json.dumps({**kept, **extra}))
+
+
+def changed_keys(saved: dict, now: dict) -> list[str]:
+    """The keys whose values differ between two ``run_flags`` (a key missing on one side too)."""
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
