@@ -3,8 +3,8 @@
     python app.py --checkpoint_path vcp_weight/train_visa.pth [--host 127.0.0.1] [--port 7860]
     make app          # with the demo's checkpoint, after `make demo`
 
-Serves ``utils/page.html`` and a few JSON/PNG endpoints (Starlette on uvicorn). Images go through
-the prediction home ``utils/prediction.py`` exactly as with ``predict.py``; the server keeps each
+Serves ``web/page.html`` and a few JSON/PNG endpoints (Starlette on uvicorn). Images go through
+the prediction service ``utils/prediction.py`` exactly as with ``predict.py``; the server keeps each
 image's map at the model's resolution, so a new threshold only resizes a kept map and compares it
 (no model run). The model runs one job at a time in a worker thread; the page polls for progress.
 A job's uploads live in a temporary folder until the job is dropped (the last ``KEEP_JOBS`` are
@@ -40,14 +40,17 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-import predict
 from utils.calibration import calibrate
-from utils.cli import INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least, fail
-from utils.prediction import (Prediction, binary_mask, expand_inputs, full_size, overlay, read_rgb,
-                              scores_csv, unique_names)
+from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
+                       add_scoring_flags, at_least, fail, predictor_of)
+from utils.errors import UsageError
+from utils.images import expand_inputs, read_rgb, unique_names
+from utils.outputs import binary_mask, full_size, overlay, scores_csv
+from utils.paths import DEFAULT_CHECKPOINT
+from utils.prediction import Prediction, Predictor
 from utils.visualize import png_bytes
 
-PAGE = Path(__file__).resolve().parent / "utils" / "page.html"
+PAGE = Path(__file__).resolve().parent / "web" / "page.html"
 KEEP_JOBS = 8  # jobs whose maps and uploads are kept; older ones are dropped
 GROUPS = {"inspect": ("images",), "calibrate": ("normal", "defective")}  # kind -> input groups
 
@@ -93,7 +96,7 @@ class Job:
     def total(self) -> int:
         return sum(len(v) for v in self.inputs.values())
 
-    def run(self, predict_images: predict.Predictor) -> None:
+    def run(self, predict_images: Predictor) -> None:
         """Predict every group in order (in the worker thread); never raises."""
         try:
             for group, inputs in self.inputs.items():
@@ -153,9 +156,9 @@ def _threshold(request: Request) -> float:
 
 
 class Inspector:
-    """The page's state: the model (``predict.predictor``), the jobs and the one worker thread."""
+    """The page's state: the model (a ``Predictor``), the jobs and the one worker thread."""
 
-    def __init__(self, predict_images: predict.Predictor, threshold: float = 0.5,
+    def __init__(self, predict_images: Predictor, threshold: float = 0.5,
                  description: str = ""):
         self.predict_images = predict_images
         self.info = {"model": description, "threshold": threshold}
@@ -330,14 +333,14 @@ def create_app(inspector: Inspector) -> Starlette:
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="The inspection page: images, heat maps, masks, the "
                                    "threshold and its calibration in a browser")
-    p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
+    p.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=at_least(0), default=7860, help="default 7860; 0: any free one")
     p.add_argument("--threshold", type=float, default=0.5, help="the slider's first position")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
-    predict.add_scoring_flags(p)  # --reference, --mutual: as predict.py (an upload is a folder)
-    predict.add_onnx_flag(p)
+    add_scoring_flags(p, references="paths")  # as predict.py (an upload is a folder)
+    add_onnx_flag(p)
     add_model_flags(p)
     return p.parse_args(argv)
 
@@ -356,11 +359,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         sock = listen(args.host, args.port)  # a taken port fails before the model loads
-        predict_images = predict.predictor(args)
+        predict_images = predictor_of(args)
     except INPUT_ERRORS as e:
         return fail(e)
+    name = predict_images.strategy.name
     scoring = (f", {args.fusion} fusion with {len(args.reference)} reference input(s)"
-               if args.reference else ", mutual scoring" if args.mutual else ", zero-shot")
+               if args.reference else f", {name} scoring" if name != "zero_shot" else ", zero-shot")
     source = f"ONNX {args.onnx}" if args.onnx else f"checkpoint {args.checkpoint_path}"
     inspector = Inspector(predict_images, args.threshold, f"{source}{scoring}")
     host, port = sock.getsockname()[:2]

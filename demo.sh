@@ -44,7 +44,7 @@ python dataset/make_meta.py --data_path "$DATA" --dataset demoaux
 python dataset/make_meta.py --data_path "$DATA" --dataset demotarget
 
 echo "== 3/6 a random CLIP ($CONFIG, seed $CLIP_SEED) as an OpenAI TorchScript archive -> $CLIP"
-python -c "from model import CLIPConfig; from utils.random_clip import write_openai_archive as w; print('wrote', w(CLIPConfig.from_json('$CONFIG'), '$CLIP', seed=$CLIP_SEED))"
+python -c "from model import CLIPConfig; from tests.helpers.random_clip import write_openai_archive as w; print('wrote', w(CLIPConfig.from_json('$CONFIG'), '$CLIP', seed=$CLIP_SEED))"
 
 echo "== 4/6 train on demoaux (the backbone stays frozen; only the VCP parts learn)"
 # configs/demo.json: ViT with 2 blocks of width 256 (4 heads; Post-VCP's 8 heads need width % 8

@@ -5,8 +5,9 @@
 
 Writes ``overlays/<name>.png`` (heat map over the image), ``scores.csv`` (path, image score, max
 pixel score), with ``--threshold`` ``masks/<name>.png`` (0/255, the input's size), with
-``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution). The prediction path
-itself lives in ``utils/prediction.py``; this script only wires flags to it.
+``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution). The prediction service
+itself is the library's (``utils/prediction.py``, ``utils/outputs.py``); this script wires flags
+to it, writes, resumes and reports.
 
     python predict.py --calibrate normal/ --false_alarm_rate 0.01 [--defective bad/] \
         [--held_out more_normal/] --checkpoint_path ...
@@ -15,7 +16,7 @@ prints T, the threshold at which at most that share of the normal images has a p
 (``utils/calibration.py`` states the quantile exactly), with the recall on the defective images
 and the false-alarm rate on other normal images.
 
-Beyond zero-shot (README, 'Few-shot and mutual scoring'): ``--reference good/`` compares every
+Beyond zero-shot (docs/scoring.md): ``--reference good/`` compares every
 patch with those of your normal images, ``--mutual`` with those of the other images in the same
 folder; the images are then scored folder by folder and the patch map is fused with the
 zero-shot maps (``--fusion``).
@@ -37,35 +38,26 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from model.patch_scoring import MUTUAL_FRACTION
 from utils.calibration import Calibration, alarm_rate, calibrate
-from utils.cli import (FLAG_FIELDS, INPUT_ERRORS, ArgumentParser, OutputError, UsageError,
-                       add_model_flags, at_least, build_model, changed_keys, check_output_folder,
-                       fail, read_checkpoint_and_config, run_flags, select_device)
+from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
+                       add_scoring_flags, at_least, changed_keys, check_output_folder, fail,
+                       predictor_of, run_flags, strategy_of)
+from utils.distributed import World
+from utils.errors import OutputError, UsageError
 from utils.files import atomic_write
-from utils.metrics import FUSIONS
-from utils.prediction import (MapsFn, OutputWriter, PatchScoring, Prediction, Shard, Skipped,
-                              expand_inputs, folder_groups, memory_of, onnx_maps, predict_groups,
-                              predict_paths, torch_maps, unique_names)
-
-# What an exported model has fixed: with --onnx these flags would silently do nothing
-FIXED_BY_EXPORT = (*FLAG_FIELDS, "precision", "config_path", "model")
-
-
-def add_onnx_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
-                        help="run this export.py graph on ONNX Runtime instead of the PyTorch "
-                             "model (--checkpoint_path and --pretrained_path are then not read)")
+from utils.images import expand_inputs, unique_names
+from utils.outputs import OutputWriter
+from utils.paths import DEFAULT_CHECKPOINT
+from utils.prediction import Prediction, Predictor, Skipped, check_groups
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="Segment anomalies in your own images (no labels)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs")
-    p.add_argument("--checkpoint_path", default="./vcp_weight/train_visa.pth")
+    p.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
     p.add_argument("--save_path", default="./results/predict")
     p.add_argument("--threshold", type=float, default=None,
                    help="also write binary masks of map > T (T on the un-normalized map scale)")
@@ -86,86 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="defective images: also print the recall at T")
     c.add_argument("--held_out", metavar="NORMAL", default=None,
                    help="other normal images: also print their false-alarm rate at T")
-    add_scoring_flags(p)
+    add_scoring_flags(p, references="paths")
     add_model_flags(p)
     return p.parse_args(argv)
-
-
-def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
-    """Scoring beyond zero-shot: predict.py's and the inspection page's (app.py) flags."""
-    g = parser.add_argument_group("beyond zero-shot (ours)")
-    g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
-                   help="normal images (files, folders or globs) to compare every patch with; "
-                        "put it after the inputs")
-    g.add_argument("--mutual", action="store_true",
-                   help="compare every image with the other images of its folder (no labels)")
-    g.add_argument("--fusion", choices=FUSIONS, default=FUSIONS[0],
-                   help="how the patch map joins the zero-shot maps (default %(default)s)")
-    g.add_argument("--mutual_fraction", type=float, default=MUTUAL_FRACTION,
-                   help="mutual score: mean of this smallest fraction of the nearest distances "
-                        "to the other images (default %(default)s)")
-
-
-# image paths -> each one's Prediction, or Skipped where it cannot be read, in input order
-Predictor = Callable[[list[Path]], Iterator[Prediction | Skipped]]
-
-
-def predictor(args: argparse.Namespace) -> Predictor:
-    """The model and scoring the flags name, as one function of the image paths: what
-    ``predict``, ``--calibrate`` and the inspection page (app.py) run. With ``--reference`` or
-    ``--mutual`` the images are scored folder by folder (``predict_groups``). With ``--onnx`` an
-    exported graph makes the maps (zero-shot only)."""
-    references = reference_paths(args)
-    if args.onnx:
-        maps_fn, image_size = onnx_model(args, references)
-        return lambda paths: predict_paths(paths, maps_fn, image_size, args.batch_size,
-                                           args.num_workers)
-    payload, cfg = read_checkpoint_and_config(args, args.checkpoint_path)
-    device = select_device(args)
-    model = build_model(args, cfg, payload, device, args.checkpoint_path)
-    if references is None and not args.mutual:
-        maps_fn = torch_maps(model, device, args.precision)
-        return lambda paths: predict_paths(paths, maps_fn, cfg.image_size, args.batch_size,
-                                           args.num_workers)
-    memory = references and memory_of(references, model, device, args.precision,
-                                      cfg.image_size, args.batch_size)
-    scoring = PatchScoring(model, device, args.precision, args.fusion, memory,
-                           args.mutual_fraction)
-    return lambda paths: predict_groups(paths, scoring, cfg.image_size, args.batch_size,
-                                        args.num_workers)
-
-
-def reference_paths(args: argparse.Namespace) -> list[Path] | None:
-    """The ``--reference`` images (None without the flag); fails before any model work."""
-    if args.reference is not None and args.mutual:
-        raise UsageError("--reference and --mutual: choose one")
-    if args.mutual and not 0 < args.mutual_fraction <= 1:
-        raise UsageError(f"--mutual_fraction must be in (0, 1], got {args.mutual_fraction}")
-    if args.reference is None:
-        return None
-    references = expand_inputs(args.reference)
-    if not references:
-        raise UsageError(f"--reference: no images found in {args.reference}")
-    return references
-
-
-def check_mutual_folders(args: argparse.Namespace, paths: list[Path]) -> None:
-    if args.mutual:
-        lone = [str(paths[g[0]].parent) for g in folder_groups(paths) if len(g) < 2]
-        if lone:
-            raise UsageError(f"--mutual compares each image with the others of its folder; "
-                             f"these folders have one image: {', '.join(lone)}")
-
-
-def onnx_model(args: argparse.Namespace, references: list[Path] | None) -> tuple[MapsFn, int]:
-    """The ``--onnx`` graph on ONNX Runtime as a ``MapsFn``, and its image size."""
-    fixed = [f"--{f}" for f in FIXED_BY_EXPORT if getattr(args, f, None) is not None]
-    fixed += ["--reference"] * (references is not None) + ["--mutual"] * bool(args.mutual)
-    if fixed:
-        raise UsageError(f"{', '.join(fixed)} cannot be used with --onnx: the exported model "
-                         "fixes the model and outputs only the zero-shot maps (see its .json)")
-    maps_fn, meta = onnx_maps(args.onnx, args.device, args.device_id)
-    return maps_fn, meta["input"]["image_size"]
 
 
 PROGRESS = "progress"  # <save_path>/progress/: run.json, and rank<r>.jsonl per process
@@ -177,7 +92,7 @@ class Progress:
     ``run.json`` (the flags and the input list) and, per process, ``rank<r>.jsonl``, a line per
     image appended once its files are written (its row, or that it was skipped)."""
 
-    def __init__(self, args: argparse.Namespace, paths: list[Path], shard: Shard):
+    def __init__(self, args: argparse.Namespace, paths: list[Path], shard: World):
         self.folder, self.shard = Path(args.save_path) / PROGRESS, shard
         self.run = run_flags(args, NOT_IN_RUN, inputs=[str(p) for p in paths])
         self.rows: dict[int, dict] = {}  # input index -> scores.csv row
@@ -236,7 +151,7 @@ class Progress:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[str]]:
+def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[str]]:
     """This process's share of the inputs (all of them in a plain run); every process returns
     the rows of all inputs in input order and the skipped paths."""
     if not args.inputs:
@@ -245,12 +160,13 @@ def predict(args: argparse.Namespace, shard: Shard) -> tuple[list[dict], list[st
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
-    check_mutual_folders(args, paths)
-    if args.resume and (args.reference is not None or args.mutual):
+    strategy = strategy_of(args, None)
+    check_groups(paths, strategy)
+    if args.resume and strategy.patch_map:
         raise UsageError("--resume: --reference and --mutual fuse the maps folder by folder; "
                          "run them again whole")
     progress = Progress(args, paths, shard)
-    run = predictor(args)
+    run = predictor_of(args)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
     names = unique_names(paths)  # over all inputs: the same in every process
     mine = shard.indices(len(paths), args.batch_size)
@@ -290,7 +206,7 @@ def warn_skipped(skipped: Skipped) -> None:
     print(f"warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
 
 
-def max_pixel_scores(run: Predictor, paths: list[Path], desc: str, shard: Shard,
+def max_pixel_scores(run: Predictor, paths: list[Path], desc: str, shard: World,
                      batch_size: int) -> list[float]:
     """Each readable image's max pixel score, in input order (this process scores its share);
     unreadable ones are skipped with a warning."""
@@ -306,7 +222,7 @@ def max_pixel_scores(run: Predictor, paths: list[Path], desc: str, shard: Shard,
 
 
 def calibrate_threshold(args: argparse.Namespace,
-                        shard: Shard) -> tuple[Calibration, list[float]]:
+                        shard: World) -> tuple[Calibration, list[float]]:
     """T from ``--calibrate`` (and the recall on ``--defective``); the held-out normal images'
     max pixel scores beside it."""
     if args.inputs:
@@ -322,7 +238,7 @@ def calibrate_threshold(args: argparse.Namespace,
     for flag, found in paths.items():
         if not found:
             raise UsageError(f"--{flag} {sets[flag]}: no images found")
-    run = predictor(args)
+    run = predictor_of(args)
     scores = {flag: max_pixel_scores(run, found, flag, shard, args.batch_size)
               for flag, found in paths.items()}
     if not scores["calibrate"]:
@@ -351,11 +267,11 @@ def report_calibration(c: Calibration, held_out: list[float]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    shard = Shard()
+    shard = World()
     if shard.world > 1 and not args.device:
         args.device_id = shard.local_rank  # one accelerator per process, if there are any
     try:
-        if shard.world > 1 and (args.reference is not None or args.mutual):
+        if shard.world > 1 and strategy_of(args, None).patch_map:
             raise UsageError("--reference and --mutual score the images folder by folder in one "
                              "process: run them without torchrun")
         with shard:

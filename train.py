@@ -1,4 +1,4 @@
-"""Train VCP-CLIP on an auxiliary dataset's test split (SPEC §7, §11).
+"""Train VCP-CLIP on an auxiliary dataset's test split (docs/reproduction.md §7, §11).
 
     python train.py --dataset visa --learning_rate 4e-5 --save_path ./vcp_weight/train_on_visa
     torchrun --nproc_per_node=4 train.py ...   # data parallel: each process takes its share
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -36,12 +35,16 @@ from tqdm import tqdm
 from dataset.products import VAL_DATASET_FOR_TRAINING_ON, VAL_PRODUCTS
 from model import VCPCLIP, save_checkpoint
 from utils.augment import build_augment
-from utils.cli import (INPUT_ERRORS, ArgumentParser, UsageError, add_model_flags, at_least,
-                       autocast, build_model, check_output_folder, fail,
-                       read_checkpoint_and_config, seed_everything, select_device)
-from utils.data import AnomalyDataset, DataError, load_meta, meta_path
+from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, at_least,
+                       check_output_folder, device_of, fail, model_source)
+from utils.data import AnomalyDataset, load_meta, meta_path
+from utils.device import autocast, seed_everything
+from utils.distributed import World
+from utils.errors import DataError, UsageError
 from utils.losses import segmentation_loss
 from utils.metrics import average_precision, binary_curve
+from utils.paths import DEFAULT_DATA
+from utils.runtime import load_model, read_model
 
 
 class TrainingError(RuntimeError):
@@ -59,8 +62,8 @@ class Interrupted(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="Train VCP-CLIP on an auxiliary dataset")
     p.add_argument("--dataset", default="visa", help="auxiliary dataset (its test split)")
-    p.add_argument("--train_data_path", default="./dataset/mvisa/data")
-    p.add_argument("--val_data_path", default="./dataset/mvisa/data",
+    p.add_argument("--train_data_path", default=DEFAULT_DATA)
+    p.add_argument("--val_data_path", default=DEFAULT_DATA,
                    help="where the validation dataset's meta file is looked for (report only)")
     p.add_argument("--save_path", default="./vcp_weight/train_on_visa")
     p.add_argument("--resume_checkpoint_path", default=None,
@@ -89,36 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no_augment", action="store_true", help="no augmentation (and no mosaic)")
     g.add_argument("--prompt_dropout", type=float, default=None, help="default 0.1")
     return p.parse_args(argv)
-
-
-class Distributed:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.main = self.rank == 0
-
-    def setup(self, device: torch.device) -> None:
-        if self.world > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def close(self) -> None:
-        if self.world > 1:
-            dist.destroy_process_group()
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """``flag`` of any process: all of them stop at the same step."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 class StopSignals:
@@ -177,7 +150,7 @@ class Logger:
 
 
 def trainable_parameter_groups(model: VCPCLIP, lr: float) -> list[dict]:
-    """Adam groups (SPEC §7): lr for every trainable weight, 0.01 for the two temperatures.
+    """Adam groups (docs/reproduction.md §7): lr for every trainable weight, 0.01 for the two temperatures.
     ``prompt_text_projection`` is frozen: it is never used in the forward pass, so it has no
     gradient and would not change anyway (DDP needs every trained parameter to get one)."""
     model.prompts.prompt_text_projection.requires_grad_(False)
@@ -188,7 +161,7 @@ def trainable_parameter_groups(model: VCPCLIP, lr: float) -> list[dict]:
 
 
 def adam(model: VCPCLIP, lr: float, payload: dict | None) -> torch.optim.Adam:
-    """SPEC §7's optimizer. A checkpoint of ours brings its moments and step counts (a released
+    """docs/reproduction.md §7's optimizer. A checkpoint of ours brings its moments and step counts (a released
     file only weights); the learning rates stay the flags'."""
     optimizer = torch.optim.Adam(trainable_parameter_groups(model, lr), betas=(0.5, 0.999))
     if payload is not None and "optimizer" in payload:
@@ -200,7 +173,7 @@ def adam(model: VCPCLIP, lr: float, payload: dict | None) -> torch.optim.Adam:
 
 
 def validation_data(args, cfg) -> tuple[AnomalyDataset | None, list[str]]:
-    """The products reported after each epoch (SPEC §7: five of the other dataset) and the log
+    """The products reported after each epoch (docs/reproduction.md §7: five of the other dataset) and the log
     lines that say what was left out and why. Validation is a report: nothing here stops a run."""
     name = args.val_dataset or VAL_DATASET_FOR_TRAINING_ON.get(args.dataset)
     if name in (None, "none"):
@@ -262,23 +235,24 @@ def resume_point(payload: dict | None, args, world: int) -> tuple[int, int, list
 
 
 def train(args: argparse.Namespace) -> Path | None:
-    ddp = Distributed()
-    device = select_device(args) if ddp.world == 1 or args.device else (
+    ddp = World()
+    device = device_of(args) if ddp.world == 1 or args.device else (
         torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
-    ddp.setup(device)
+    ddp.setup("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(args, ddp, device)
     finally:
         ddp.close()
 
 
-def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
+def _train(args, ddp: World, device: torch.device) -> Path | None:
     if args.batch_size % ddp.world:
         raise UsageError(f"--batch_size {args.batch_size} is not divisible by {ddp.world} "
                          "processes")
     seed_everything(args.seed)
     # every input is checked before anything is written: a failed start leaves no output
-    payload, cfg = read_checkpoint_and_config(args, args.resume_checkpoint_path)
+    source = model_source(args, args.resume_checkpoint_path)
+    payload, cfg = read_model(source)
     start_epoch, start_step, resumed_losses = resume_point(payload, args, ddp.world)
     mosaic = args.aug_rate if args.dataset == "mvtec" and not args.no_augment else 0.0
     data = AnomalyDataset(args.train_data_path, args.dataset, "test", image_size=cfg.image_size,
@@ -287,8 +261,7 @@ def _train(args, ddp: Distributed, device: torch.device) -> Path | None:
     data.check_readable()
     save_path = Path(args.save_path)
     check_output_folder(save_path, "--save_path")
-    model = build_model(args, cfg, payload, device,  # with the resumed weights, if any
-                        args.resume_checkpoint_path or "")
+    model = load_model(source, device, payload, cfg)  # with the resumed weights, if any
     val_data, val_notes = validation_data(args, cfg)
 
     log = Logger(save_path / "result.txt", ddp.main)
@@ -361,7 +334,7 @@ def main(argv=None) -> int:
     except (*INPUT_ERRORS, TrainingError) as e:
         return fail(e)
     except Interrupted as e:
-        if Distributed().main:
+        if World().main:
             print(f"{e}; resumable checkpoint: {e.path}\n"
                   f"continue with --resume_checkpoint_path {e.path}", file=sys.stderr)
         return 128 + e.signum  # the shell's status for a process ended by that signal

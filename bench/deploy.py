@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.forward import build, timed  # noqa: E402
-from export import AbnormalMaps, export_program, save_program, template_vocabulary  # noqa: E402
-from utils.prediction import ONNX_INPUT, ONNX_OUTPUTS  # noqa: E402
+from bench.common import build, timed  # noqa: E402
+from utils.onnx_runtime import (AbnormalMaps, ONNX_INPUT, ONNX_OUTPUTS, export_program,  # noqa: E402
+                                 save_program, template_vocabulary)
 
 
 def parse_args(argv=None):

@@ -1,20 +1,17 @@
-"""The README's table 'Few-shot and mutual scoring': test.py run in every scoring mode on one
-dataset, one markdown row per mode (mean over products) with the time per image.
+"""The table of docs/scoring.md: the test protocol in every scoring mode on one dataset, one
+markdown row per mode (mean over products) with the time per image.
 
     python bench/few_shot_table.py --data_path demo_output/data --dataset demotarget \
         --checkpoint_path demo_output/checkpoints/epoch_30_group_id_2.pth \
         --pretrained_path demo_output/clip_demo.pt --config_path configs/demo.json
 
-It takes test.py's flags (those of the scoring are set per mode). Modes: zero-shot; for each K of
-``--shots``, the reference map fused by each rule of ``--fusions`` (the default first) and alone;
-mutual scoring likewise. Time per image = (forward + patch scoring) / images, from test.py's own
-stage timer (metrics and panels are the same work in every mode).
+The model is built once. Modes: zero-shot; for each K of ``--shots``, the reference map fused by
+each rule of ``--fusions`` (the default first) and alone; mutual scoring likewise. Time per
+image = (forward + patch scoring) / images, from the evaluation's own stage timer (metrics and
+panels are the same work in every mode).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,16 +19,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import test as test_script  # noqa: E402
-from utils.metrics import FUSIONS  # noqa: E402
+from utils.cli import (ArgumentParser, add_model_flags, at_least, device_of,  # noqa: E402
+                       model_source)
+from utils.data import AnomalyDataset, choose_references  # noqa: E402
+from utils.device import seed_everything  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
+from utils.metrics import mean_row  # noqa: E402
+from utils.runtime import TorchRuntime  # noqa: E402
+from utils.scoring import FUSIONS, Context, make_strategy  # noqa: E402
 
 COLUMNS = (("auroc_px", "pixel AUROC"), ("aupro_px", "AUPRO"), ("ap_px", "pixel AP"),
            ("auroc_sp", "image AUROC"))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                parents=[test_script.build_parser(add_help=False)])
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--checkpoint_path", required=True)
+    p.add_argument("--seed", type=at_least(0), default=111)
+    p.add_argument("--batch_size", type=at_least(1), default=8)
+    p.add_argument("--num_workers", type=at_least(0), default=0)
+    add_model_flags(p)
     g = p.add_argument_group("the table")
     g.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
     g.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
@@ -39,28 +48,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def modes(args) -> list[tuple[str, dict]]:
-    """(row label, test.py flags) per mode."""
-    out = [("zero-shot", {})]
+def modes(args) -> list[tuple[str, str, int, str]]:
+    """(row label, strategy, K, fusion) per mode."""
+    out = [("zero-shot", "zero_shot", 0, FUSIONS[0])]
     for k in args.shots:
-        out += [(f"K={k}, {f}", {"k_shot": k, "fusion": f}) for f in args.fusions]
+        out += [(f"K={k}, {f}", "reference", k, f) for f in args.fusions]
     if not args.no_mutual:
-        out += [(f"mutual, {f}", {"mutual": True, "fusion": f}) for f in args.fusions]
+        out += [(f"mutual, {f}", "mutual", 0, f) for f in args.fusions]
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    seed_everything(args.seed)
+    device = device_of(args)
+    runtime = TorchRuntime.load(model_source(args, args.checkpoint_path), device, args.precision)
+    dataset = AnomalyDataset(args.data_path, args.dataset, "test", image_size=runtime.image_size)
+    root = Path(args.data_path)
     print("| scoring | " + " | ".join(name for _, name in COLUMNS) + " | ms / image |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, flags) in enumerate(modes(args)):
-            out = Path(tmp) / str(i)
-            mode = argparse.Namespace(**{**vars(args), "k_shot": 0, "mutual": False,
-                                         "no_vis": True, "save_path": str(out), **flags})
-            with contextlib.redirect_stdout(sys.stderr):  # test.py's own table
-                evaluator = test_script.run(mode)
-            mean = json.loads((out / "metrics.json").read_text())["mean"]
+        for i, (label, name, k, fusion) in enumerate(modes(args)):
+            chosen = (choose_references(root, args.dataset, dataset.products, k, args.seed)
+                      if k else {})
+            context = Context(runtime, runtime.image_size,
+                              lambda product: [root / p for p in chosen[product]],
+                              args.batch_size)
+            strategy = make_strategy(name, {}, context, fusion)
+            evaluator = evaluate(runtime, dataset, Path(tmp) / str(i), strategy,
+                                 args.batch_size, args.num_workers, visualize=False)
+            mean = mean_row(evaluator.rows, [key for key, _ in COLUMNS])
             seconds = evaluator.seconds["forward"] + evaluator.seconds.get("patch_scoring", 0.0)
             cells = [f"{100 * mean[key]:.1f}" for key, _ in COLUMNS]
             ms = 1000 * seconds / evaluator.images

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.naive_metrics import naive_aupro_reference, naive_pixel_metrics  # noqa: E402
+from tests.helpers.naive_metrics import naive_aupro_reference, naive_pixel_metrics  # noqa: E402
 from utils.metrics import aupro_reference, evaluate_product, pixel_metrics  # noqa: E402
 
 TOL = 1e-9

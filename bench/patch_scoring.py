@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.forward import evenly_spaced_layers  # noqa: E402
+from bench.common import evenly_spaced_layers  # noqa: E402
 from model import CLIPConfig, VCPCLIP, VCPConfig, load_clip  # noqa: E402
 from model.patch_scoring import (CHUNK_ELEMENTS, MUTUAL_FRACTION, mutual_score,  # noqa: E402
                                  reference_memory, reference_score)
-from utils.random_clip import random_clip_state_dict  # noqa: E402
+from tests.helpers.random_clip import random_clip_state_dict  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -34,17 +34,19 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import test as test_script  # noqa: E402
-from bench.forward import evenly_spaced_layers, per_image_text  # noqa: E402
-from bench.naive_metrics import naive_evaluate_product, naive_product_maps  # noqa: E402
+from bench.common import evenly_spaced_layers, per_image_text  # noqa: E402
+from tests.helpers.naive_metrics import naive_evaluate_product, naive_product_maps  # noqa: E402
 from dataset.make_dataset_new import convert  # noqa: E402
 from dataset.make_meta import write_meta  # noqa: E402
 from dataset.synthetic import SOURCES, write_product  # noqa: E402
 from model import (CLIPConfig, VCPCLIP, VCPConfig, build_vcp_clip, checkpoint_configs,  # noqa: E402
                    load_clip, read_checkpoint, save_checkpoint)
-from utils.cli import autocast  # noqa: E402
+from utils.device import autocast  # noqa: E402
 from utils.data import AnomalyDataset  # noqa: E402
-from utils.random_clip import write_openai_archive  # noqa: E402
+from utils.device import select_device  # noqa: E402
+from utils.evaluation import evaluate, write_results  # noqa: E402
+from utils.runtime import ModelSource, TorchRuntime  # noqa: E402
+from tests.helpers.random_clip import write_openai_archive  # noqa: E402
 from utils.visualize import save_panel  # noqa: E402
 
 NAME = "bench"
@@ -90,11 +92,15 @@ def make_inputs(work: Path, args) -> tuple[Path, Path, Path]:
     return data, archive, checkpoint
 
 
-def test_argv(work: Path, data: Path, archive: Path, checkpoint: Path, args) -> list[str]:
-    argv = ["--data_path", str(data), "--dataset", NAME, "--checkpoint_path", str(checkpoint),
-            "--pretrained_path", str(archive), "--save_path", str(work / "ours"),
-            "--device", args.device, "--num_workers", str(WORKERS), "--batch_size", str(BATCH)]
-    return argv + (["--precision", args.precision] if args.precision else [])
+def ours(work: Path, data: Path, archive: Path, checkpoint: Path, args):
+    """What test.py does, through the library: the model, the evaluation, the table."""
+    device = select_device(args.device)
+    runtime = TorchRuntime.load(ModelSource(str(checkpoint), str(archive)), device, args.precision)
+    dataset = AnomalyDataset(data, NAME, "test", image_size=runtime.image_size)
+    evaluator = evaluate(runtime, dataset, work / "ours", batch_size=BATCH, num_workers=WORKERS,
+                         pin_memory=device.type == "cuda")
+    write_results(evaluator.rows, work / "ours", f"dataset {NAME}")
+    return evaluator
 
 
 def sync(device: torch.device) -> None:
@@ -179,12 +185,11 @@ def main(argv=None) -> None:
         work = Path(args.work_dir or tmp)
         data, archive, checkpoint = make_inputs(work, args)
         n = len(AnomalyDataset(data, NAME, "test", image_size=args.size))
-        argv = test_argv(work, data, archive, checkpoint, args)
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         print(f"{args.products} products, {n} images at {args.size} px, {Path(args.config).stem} "
               f"backbone on {device}")
         forward = forward_only(data, archive, checkpoint, args)
-        evaluator, wall, peak = traced(lambda: test_script.run(test_script.parse_args(argv)))
+        evaluator, wall, peak = traced(ours, work, data, archive, checkpoint, args)
         s = evaluator.seconds
         print(f"forward only: {forward:.1f} s")
         print(f"ours (test.py): {wall:.1f} s end to end = {wall / forward:.2f} x forward only; "

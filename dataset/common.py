@@ -14,30 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-# Image files we pick up from original datasets (compared case-insensitively: VisA uses .JPG).
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from utils.errors import DataError
+from utils.images import IMAGE_EXTENSIONS
 
-# Destination folders of the standardized layout, relative to <dst>/<dataset>/<product>/ (SPEC §9).
+# Destination folders of the standardized layout, relative to <dst>/<dataset>/<product>/ (docs/reproduction.md §9).
 TRAIN_GOOD = "train/good"
 TEST_GOOD = "test/good"
 TEST_ANOMALY = "test/anomaly"
 GT_ANOMALY = "ground_truth/anomaly"
 LAYOUT_FOLDERS = (TRAIN_GOOD, TEST_GOOD, TEST_ANOMALY, GT_ANOMALY)
 
-# Dataset names become the file-name prefix; SPEC §9 reads dataset_name back as the prefix before
+# Dataset names become the file-name prefix; docs/reproduction.md §9 reads dataset_name back as the prefix before
 # the first "_", so a name must not contain "_" (and must be a plain folder name).
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-
-
-class DatasetError(Exception):
-    """A dataset source or output that cannot be used; the message names every problem found.
-
-    ``problems`` holds the individual lines (one per missing or malformed item).
-    """
-
-    def __init__(self, message: str, problems: Optional[list[str]] = None):
-        self.problems = list(problems) if problems else [message]
-        super().__init__(message)
 
 
 class Problems:
@@ -64,12 +53,12 @@ class Problems:
         return False
 
     def raise_if_any(self, context: str) -> None:
-        """Raise one :class:`DatasetError` listing every recorded problem, if there is any."""
+        """Raise one :class:`DataError` listing every recorded problem, if there is any."""
         if not self.lines:
             return
         n = len(self.lines)
         header = f"{context}: {n} problem{'s' if n > 1 else ''}, nothing was written"
-        raise DatasetError("\n".join([header] + [f"  - {line}" for line in self.lines]), self.lines)
+        raise DataError("\n".join([header] + [f"  - {line}" for line in self.lines]), self.lines)
 
 
 @dataclass(frozen=True)
@@ -100,11 +89,11 @@ class Plan:
 
 
 def check_dataset_name(name: str) -> None:
-    """Raise :class:`DatasetError` unless ``name`` is letters, digits and '-' (no '_')."""
+    """Raise :class:`DataError` unless ``name`` is letters, digits and '-' (no '_')."""
     if not _DATASET_NAME.match(name or ""):
-        raise DatasetError(
+        raise DataError(
             f"invalid dataset name {name!r}: use letters, digits and '-' only (no '_': the meta "
-            "file takes dataset_name from the file-name prefix before the first '_', SPEC §9)")
+            "file takes dataset_name from the file-name prefix before the first '_', docs/reproduction.md §9)")
 
 
 def is_hidden(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Convert an original dataset into the standardized layout (SPEC §9).
+"""Convert an original dataset into the standardized layout (docs/reproduction.md §9).
 
     python dataset/make_dataset_new.py --dataset mvtec --src_path <original root> \\
         --dst_path ./dataset/mvisa/data
@@ -20,25 +20,27 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script from anywhere: make `dataset.` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset.common import DatasetError, check_dataset_name  # noqa: E402
+from dataset.common import check_dataset_name  # noqa: E402
+from utils.errors import DataError  # noqa: E402
+from utils.paths import DEFAULT_DATA  # noqa: E402
 from dataset.layouts import LAYOUTS, make_plan  # noqa: E402
 from dataset.writer import write_plan  # noqa: E402
 
-DEFAULT_DST = "./dataset/mvisa/data"
+DEFAULT_DST = DEFAULT_DATA
 
 
 def check_paths(src: Path, final: Path) -> None:
     """Refuse outputs that would overwrite, delete or sit inside the source."""
     src, final = src.resolve(), final.resolve()
     if final == src or final in src.parents or src in final.parents:
-        raise DatasetError(f"output folder {final} overlaps the source {src}: replacing it would "
+        raise DataError(f"output folder {final} overlaps the source {src}: replacing it would "
                            "delete or mix with the original data; choose another --dst_path")
     if final.exists() and not final.is_dir():
-        raise DatasetError(f"output {final} exists and is not a folder")
+        raise DataError(f"output {final} exists and is not a folder")
     for parent in final.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise DatasetError(f"output parent {parent} exists and is not a folder")
+                raise DataError(f"output parent {parent} exists and is not a folder")
             break
 
 
@@ -47,7 +49,7 @@ def convert(dataset: str, src_path, dst_path=DEFAULT_DST, layout: Optional[str] 
             progress: bool = True) -> Path:
     """Convert ``src_path`` into ``dst_path/dataset`` and return that folder.
 
-    Raises :class:`~dataset.common.DatasetError` (before writing anything) for a bad name, bad
+    Raises :class:`~dataset.common.DataError` (before writing anything) for a bad name, bad
     paths or a source with missing items; for an unreadable image it raises after removing the
     partial output, leaving any previous ``dst_path/dataset`` as it was.
     """
@@ -84,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = convert(args.dataset, args.src_path, args.dst_path, args.layout,
                       args.mask_threshold, args.allow_missing_masks)
-    except DatasetError as error:
+    except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {out}\nnext: python dataset/make_meta.py --data_path {args.dst_path} "

@@ -1,4 +1,4 @@
-"""Write ``<data_path>/meta_<dataset>.json`` for a standardized dataset (SPEC §9).
+"""Write ``<data_path>/meta_<dataset>.json`` for a standardized dataset (docs/reproduction.md §9).
 
     python dataset/make_meta.py --data_path ./dataset/mvisa/data --dataset mvtec
 
@@ -20,12 +20,14 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script from anywhere: make `dataset.` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset.common import (DatasetError, Problems, check_dataset_name, list_images,  # noqa: E402
+from dataset.common import (Problems, check_dataset_name, list_images,  # noqa: E402
                             list_subdirs)
 from dataset.products import FIXED_PRODUCT_ORDERS  # noqa: E402
+from utils.errors import DataError  # noqa: E402
 from utils.files import atomic_write  # noqa: E402
+from utils.paths import DEFAULT_DATA  # noqa: E402
 
-DEFAULT_DATA_PATH = "./dataset/mvisa/data"
+DEFAULT_DATA_PATH = DEFAULT_DATA
 PHASES = ("train", "test")
 
 
@@ -52,7 +54,7 @@ def phase_entries(dataset_dir: Path, name: str, product: str, phase: str,
         for file_name in list_images(phase_dir / specie):
             stem = os.path.splitext(file_name)[0]
             mask_path = ""
-            if anomaly:  # the mask is the image name with .bmp -> .png (SPEC §9)
+            if anomaly:  # the mask is the image name with .bmp -> .png (docs/reproduction.md §9)
                 mask_path = f"{name}/{product}/ground_truth/{specie}/{stem}.png"
                 problems.require_file(dataset_dir.parent / mask_path,
                                       f"mask of {phase_dir / specie / file_name}")
@@ -68,7 +70,7 @@ def phase_entries(dataset_dir: Path, name: str, product: str, phase: str,
 
 
 def build_meta(data_root, name: str) -> dict:
-    """The meta dict of ``<data_root>/<name>``; raises DatasetError listing every problem."""
+    """The meta dict of ``<data_root>/<name>``; raises DataError listing every problem."""
     check_dataset_name(name)
     dataset_dir = Path(data_root) / name
     problems = Problems()
@@ -111,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         path = write_meta(args.data_path, args.dataset)
-    except DatasetError as error:
+    except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

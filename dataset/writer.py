@@ -1,4 +1,4 @@
-"""Write a :class:`~dataset.common.Plan` as the standardized layout (SPEC §9), atomically.
+"""Write a :class:`~dataset.common.Plan` as the standardized layout (docs/reproduction.md §9), atomically.
 
 * One running id per conversion, starting at 0, +1 per image in plan order, 6 digits.
 * Images: ``cv2.imread(path, cv2.IMREAD_COLOR)`` then ``cv2.imwrite(.bmp)`` -- grey sources
@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from dataset.common import GT_ANOMALY, LAYOUT_FOLDERS, TEST_ANOMALY, DatasetError, Item, Plan
+from dataset.common import GT_ANOMALY, LAYOUT_FOLDERS, TEST_ANOMALY, Item, Plan
+from utils.errors import DataError
 
 
 def output_stem(prefix: str, label: str, index: int) -> str:
@@ -31,7 +32,7 @@ def read_image(path: Path) -> np.ndarray:
     """BGR uint8 [H, W, 3]; grey sources are expanded to 3 channels (IMREAD_COLOR)."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise DatasetError(f"cannot read image {path} (not an image OpenCV can decode)")
+        raise DataError(f"cannot read image {path} (not an image OpenCV can decode)")
     return image
 
 
@@ -43,7 +44,7 @@ def read_binary_mask(path: Path, threshold: int) -> np.ndarray:
     """
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
-        raise DatasetError(f"cannot read mask {path} (not an image OpenCV can decode)")
+        raise DataError(f"cannot read mask {path} (not an image OpenCV can decode)")
     if mask.ndim == 3:
         mask = mask[..., :3].max(axis=2)  # ignore an alpha channel
     return np.where(mask > threshold, 255, 0).astype(np.uint8)
@@ -51,7 +52,7 @@ def read_binary_mask(path: Path, threshold: int) -> np.ndarray:
 
 def _write(path: Path, array: np.ndarray) -> None:
     if not cv2.imwrite(str(path), array):
-        raise DatasetError(f"cannot write {path}")
+        raise DataError(f"cannot write {path}")
 
 
 def write_item(item: Item, index: int, prefix: str, root: Path, threshold: int) -> None:
@@ -67,7 +68,7 @@ def write_item(item: Item, index: int, prefix: str, root: Path, threshold: int) 
     else:
         mask = read_binary_mask(item.mask, threshold)
         if mask.shape != image.shape[:2]:
-            raise DatasetError(f"mask {item.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
+            raise DataError(f"mask {item.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
                                f"{item.image} is {image.shape[1]}x{image.shape[0]}")
     _write(product_dir / GT_ANOMALY / f"{stem}.png", mask)
 
@@ -86,7 +87,7 @@ def replace_dir(new: Path, final: Path) -> None:
 def write_plan(plan: Plan, dst_root: Path, progress: bool = True) -> Path:
     """Write ``plan`` to ``dst_root/plan.name`` (replacing it) and return that folder.
 
-    Every product gets all four layout folders, even empty ones.  Raises :class:`DatasetError`
+    Every product gets all four layout folders, even empty ones.  Raises :class:`DataError`
     for unreadable sources or mismatched masks; nothing is left behind in that case.
     """
     dst_root = Path(dst_root)
@@ -99,7 +100,7 @@ def write_plan(plan: Plan, dst_root: Path, progress: bool = True) -> Path:
             for folder in LAYOUT_FOLDERS:
                 (tmp / product / folder).mkdir(parents=True, exist_ok=True)
         bar = tqdm(plan.items, desc=f"converting {plan.name}", unit="img", disable=not progress)
-        for index, item in enumerate(bar):  # the running id (SPEC §9)
+        for index, item in enumerate(bar):  # the running id (docs/reproduction.md §9)
             write_item(item, index, plan.name, tmp, plan.mask_threshold)
         replace_dir(tmp, final)
     except BaseException:

@@ -1,4 +1,4 @@
-"""VCP weights <-> the released checkpoint layout (SPEC §8), plus our config key.
+"""VCP weights <-> the released checkpoint layout (docs/reproduction.md §8), plus our config key.
 
 Layout (``train_visa.pth`` / ``train_mvtec.pth``)::
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .clip import CLIPConfig
+from .errors import InputError
 from .vcp_clip import VCPCLIP, VCPConfig
 
 __all__ = ["CheckpointError", "GROUPS", "CONFIG_KEY", "vcp_state_dict", "save_checkpoint",
@@ -32,7 +33,7 @@ TOP_LEVEL = "prompts"  # its tensors sit at the top level of the file
 CONFIG_KEY = "vcp_config"  # ours: {"vcp": VCPConfig fields, "clip": CLIPConfig JSON}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A VCP checkpoint that is missing, unreadable or does not fit the model."""
 
 

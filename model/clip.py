@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["ConfigError", "CLIPConfig", "CLIP", "TextPrompts"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A model configuration that cannot be built (a config file, a layer index, a size)."""
 
 
@@ -166,7 +168,7 @@ class VisionTransformer(nn.Module):
 
 
 class TextPrompts(nn.Module):
-    """The learnable text-side prompts of SPEC §3 (names as in the released checkpoints' top level).
+    """The learnable text-side prompts of docs/reproduction.md §3 (names as in the released checkpoints' top level).
 
     ``prompt_embeddings`` [1,n,T] go in after the start token; ``deep_prompt_embeddings`` [D,n,T]
     overwrite those n positions before blocks 1..D. ``prompt_text_projection`` is trained by the
@@ -213,7 +215,7 @@ class CLIP(nn.Module):
     def encode_text_prompted(self, ids: torch.Tensor, class_pos: torch.Tensor,
                              eot_pos: torch.Tensor, class_tokens: torch.Tensor,
                              prompts: TextPrompts) -> torch.Tensor:
-        """SPEC §3, batched over images and templates.
+        """docs/reproduction.md §3, batched over images and templates.
 
         ids [S,77] template token ids, each with one ``<|class|>`` at ``class_pos[s]`` and its end
         token at ``eot_pos[s]``; class_tokens [B,r,T] from Pre-VCP.

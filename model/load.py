@@ -1,4 +1,4 @@
-"""Build the fp32 CLIP backbone from OpenAI weights, at any resolution (SPEC §1).
+"""Build the fp32 CLIP backbone from OpenAI weights, at any resolution (docs/reproduction.md §1).
 
 The checkpoint is the config: the architecture is read off the tensors' shapes. A TorchScript
 archive (OpenAI's ``ViT-L-14-336px.pt``) and a plain state-dict file both load.
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIP, CLIPConfig
+from .errors import InputError
 
 __all__ = ["WeightsError", "read_clip_state_dict", "infer_config", "resize_positional_embedding",
            "load_clip"]
@@ -22,7 +23,7 @@ OFFICIAL = ("OpenAI's ViT-L-14-336px.pt (the file that the `clip` package's "
             "clip.load('ViT-L/14@336px') downloads; see README, 'Weights')")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError, ValueError):
     """Weights that are missing, unreadable or of the wrong architecture."""
 
 

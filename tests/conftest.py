@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import CLIPConfig, VCPConfig  # noqa: E402
-from utils.random_clip import write_openai_archive  # noqa: E402
+from helpers.random_clip import write_openai_archive  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "tiny.json"
 

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from utils.cli import predictor_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -60,7 +62,7 @@ def served(tiny_archive, tiny_checkpoint):
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
                                str(tiny_archive), "--device", "cpu", "--batch_size", "2",
                                "--num_workers", "0"])
-    run, calls = predict.predictor(args), []
+    run, calls = predictor_of(args), []
 
     def counted(paths):  # the page's only way to the model
         calls.append(len(paths))
@@ -123,13 +125,13 @@ def run_job(url, form) -> dict:
 
 
 def expected_map(path, tiny_archive, tiny_checkpoint):
-    """An independent oracle: the model run by hand, the SPEC §10 blend without normalization."""
+    """An independent oracle: the model run by hand, the docs/reproduction.md §10 blend without normalization."""
     import torch
     from scipy.ndimage import gaussian_filter
 
     from model import build_vcp_clip, checkpoint_configs, read_checkpoint
     from utils.data import image_transform
-    from utils.prediction import read_rgb
+    from utils.images import read_rgb
     cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
     model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
     with torch.no_grad():
@@ -152,7 +154,7 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert wide["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-5)
 
     # image, overlay and mask at the input's size; the mask is the kept map above T
-    from utils.prediction import binary_mask, full_size
+    from utils.outputs import binary_mask, full_size
     base = f"{url}/api/jobs/{job['id']}"
     shown = lambda path: np.asarray(Image.open(io.BytesIO(request(base + path)[1])))
     assert shown("/image/3.png").shape == (30, 30, 3)  # the 16-bit TIFF, as 8-bit RGB
@@ -238,7 +240,7 @@ def test_reference_scoring_as_predict(tmp_path, images, tiny_archive, tiny_check
     with open(tmp_path / "out" / "scores.csv") as f:
         expected = {r["path"].rsplit("/", 1)[1]: float(r["max_pixel_score"])
                     for r in csv.DictReader(f)}
-    server = Server(app.Inspector(predict.predictor(app.parse_args(model))))
+    server = Server(app.Inspector(predictor_of(app.parse_args(model))))
     try:
         job = run_job(server.url, [("kind", "inspect"), ("images", images / "tall.jpg"),
                                    ("images", images / "deep.tif")])
@@ -368,7 +370,8 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
     driver = start_browser()
     try:
         from selenium.webdriver.common.by import By
-        from utils.prediction import binary_mask, full_size, overlay, read_rgb
+        from utils.images import read_rgb
+        from utils.outputs import binary_mask, full_size, overlay
         uploads = [images / "wide.png", images / "tall.jpg"]
         amaps = [expected_map(path, tiny_archive, tiny_checkpoint) for path in uploads]
         # from the first T (0.5) to about the maps' median, so that the masks are partial

@@ -1,4 +1,4 @@
-"""The released checkpoint layout (SPEC §8): exact keys and shapes, round trip, clear errors."""
+"""The released checkpoint layout (docs/reproduction.md §8): exact keys and shapes, round trip, clear errors."""
 import pytest
 import torch
 
@@ -13,7 +13,7 @@ def model(tiny_archive, tiny_vcp_cfg):
 
 
 def released_layout_shapes(W=128, E=128, T=128, r=2, n=1, D=3, layers=4):
-    """SPEC §8, written out."""
+    """docs/reproduction.md §8, written out."""
     shapes = {"trainable_linearlayer": {}, "New_Lan_Embed": {
         "prompt_query": (1, r, T), "prompt_temp": (), "prompt_linear1.fc.weight": (r, 1, 3),
         "prompt_linear1.fc.bias": (r,)}, "Zero_try": {"prompt_temp_l1": ()}}

@@ -1,4 +1,4 @@
-"""utils/data.py on a tiny standardized dataset built in a temporary folder (SPEC §1, §7, §9)."""
+"""utils/data.py on a tiny standardized dataset built in a temporary folder (docs/reproduction.md §1, §7, §9)."""
 
 import json
 import re
@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 
 from utils.augment import Augment
-from utils.data import (CLIP_MEAN, CLIP_STD, AnomalyDataset, DataError, image_transform,
+from utils.errors import DataError
+from utils.data import (CLIP_MEAN, CLIP_STD, AnomalyDataset, image_transform,
                         mask_transform, open_mask)
 
 S = 28  # output side used by most tests (any size works; small keeps the tests fast)
@@ -23,7 +24,7 @@ TILE_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 # ---------------------------------------------------------------------------- independent oracle
 
 def expected_image(path, size=S):
-    """SPEC §1 written directly with Pillow + numpy: bicubic resize, then RGB, then normalize."""
+    """docs/reproduction.md §1 written directly with Pillow + numpy: bicubic resize, then RGB, then normalize."""
     with Image.open(path) as im:
         im = im.resize((size, size), Image.BICUBIC).convert("RGB")
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)

@@ -1,4 +1,4 @@
-"""Dataset preparation (SPEC §9): original layouts -> standardized layout -> meta JSON.
+"""Dataset preparation (docs/reproduction.md §9): original layouts -> standardized layout -> meta JSON.
 
 Every test builds a tiny original dataset in tmp_path.  Expected file names, ids, pixel values
 and meta entries are written out here or computed here independently of the code under test.
@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:  # `pytest` run without `python -m`
     sys.path.insert(0, str(REPO))
 
 from dataset import make_dataset_new, make_meta, products  # noqa: E402
-from dataset.common import DatasetError  # noqa: E402
+from utils.errors import DataError  # noqa: E402
 
 MVTEC = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
          "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
@@ -142,7 +142,7 @@ def test_product_constants():
     assert products.MVTEC_PRODUCTS == tuple(MVTEC)
     assert products.VISA_PRODUCTS == tuple(VISA)
     assert products.FIXED_PRODUCT_ORDERS == {"mvtec": tuple(MVTEC), "visa": tuple(VISA)}
-    # SPEC §7: validation products of the *other* dataset, in the reference's order
+    # docs/reproduction.md §7: validation products of the *other* dataset, in the reference's order
     assert products.VAL_PRODUCTS["mvtec"] == ("bottle", "hazelnut", "wood", "zipper", "leather")
     assert products.VAL_PRODUCTS["visa"] == ("chewinggum", "cashew", "pipe_fryum", "capsules",
                                              "candle")
@@ -175,7 +175,7 @@ def build_mvtec(root: Path, skip=()):
                 if defect != "good":
                     gt = root / product / "ground_truth" / defect / f"{name[:-4]}_mask.png"
                     pixels[gt] = source.mask(gt, pixels[src], MASK_VALUES, 128)
-        # expected outputs: train sorted, then test folders sorted, images sorted (SPEC §9)
+        # expected outputs: train sorted, then test folders sorted, images sorted (docs/reproduction.md §9)
         for name in sorted(MVTEC_TRAIN):
             src = root / product / "train" / "good" / name
             expected[f"mvtec/{product}/train/good/mvtec_{index:06d}.bmp"] = _reread(src, grey)
@@ -295,7 +295,7 @@ def test_mvtec_missing_items_one_message_nothing_written(tmp_path, capsys):
 def test_mvtec_error_keeps_previous_output(mvtec, tmp_path):
     data, expected = mvtec
     before = files_under(data)
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(DataError) as info:
         make_dataset_new.convert("mvtec", tmp_path / "empty", data, progress=False)
     assert str(tmp_path / "empty") in str(info.value)
     assert files_under(data) == before
@@ -418,7 +418,7 @@ def test_visa_missing_files_listed(tmp_path):
     build_visa(original)
     os.remove(original / "cashew/Data/Masks/Anomaly/000.png")
     os.remove(original / "fryum/Data/Images/Normal/0002.JPG")
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(DataError) as info:
         make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
     assert len(info.value.problems) == 2
     assert str(original / "cashew/Data/Masks/Anomaly/000.png") in str(info.value)
@@ -435,7 +435,7 @@ def test_visa_bad_csv_rows_listed(tmp_path):
     kept.append("pcb9,test,normal,pcb9/Data/Images/Normal/0000.JPG,")
     kept.append("candle,val,normal,candle/Data/Images/Normal/0000.JPG,")
     csv_path.write_text("\n".join(kept) + "\n")
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(DataError) as info:
         make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
     message = str(info.value)
     assert len(info.value.problems) == 3, message
@@ -443,7 +443,7 @@ def test_visa_bad_csv_rows_listed(tmp_path):
     assert f"{csv_path} line {len(kept) - 1}: unknown object 'pcb9'" in message
     assert f"{csv_path} line {len(kept)}: expected split train or test, got 'val'" in message
     csv_path.write_text("object,split,label,image\n")
-    with pytest.raises(DatasetError, match="missing column.*mask"):
+    with pytest.raises(DataError, match="missing column.*mask"):
         make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
 
@@ -663,7 +663,7 @@ def test_meta_errors(tmp_path, capsys, mvtec):
     rc, out = run_meta(capsys, tmp_path, "mvtec")
     assert rc == 1 and str(tmp_path / "mvtec") in out.err and "Traceback" not in out.err
     data, _ = mvtec
-    with pytest.raises(DatasetError, match="cable"):  # fixed product order: all required
+    with pytest.raises(DataError, match="cable"):  # fixed product order: all required
         make_meta.build_meta(_copy_without(data / "mvtec", tmp_path / "copy" / "mvtec", "cable"),
                              "mvtec")
     assert not (tmp_path / "copy" / "meta_mvtec.json").exists()

@@ -16,7 +16,7 @@ import train as train_script
 from dataset import make_dataset_new, make_meta
 from conftest import TINY_CONFIG
 from model import CLIPConfig
-from utils.random_clip import write_openai_archive
+from helpers.random_clip import write_openai_archive
 
 
 def first_image(root: Path, dataset: str, product: str, state: str = "anomaly") -> Path:

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import test as test_script
-from bench.naive_metrics import naive_evaluate_product
+from helpers.naive_metrics import naive_evaluate_product
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from test_patch_scoring import naive_mutual, naive_reference
 from utils.data import AnomalyDataset, choose_references
-from utils.metrics import fuse_maps
+from utils.scoring import fuse_maps
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_bad_scoring_flags_fail_before_model_work(tmp_path, shots_data, tiny_arc
                                                   tiny_checkpoint, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model must not be built")
-    monkeypatch.setattr(test_script, "build_model", no_model)
+    monkeypatch.setattr(test_script, "load_model", no_model)
     for extra, words in [(["--k_shot", "2"], ["--k_shot 2", "'disc'", "1 normal images",
                                               "meta_toy.json"]),
                          (["--k_shot", "1", "--mutual"], ["--k_shot and --mutual"]),

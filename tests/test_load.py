@@ -1,4 +1,4 @@
-"""Backbone loading from OpenAI-format weights (SPEC §1)."""
+"""Backbone loading from OpenAI-format weights (docs/reproduction.md §1)."""
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from bench.naive_metrics import (
+from helpers.naive_metrics import (
     naive_aupro_official,
     naive_aupro_reference,
     naive_evaluate_product,

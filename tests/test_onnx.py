@@ -16,6 +16,7 @@ import export
 import predict
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from utils.data import CLIP_MEAN, CLIP_STD
+from utils.cli import predictor_of
 from utils.prediction import Prediction
 
 
@@ -174,7 +175,7 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos,
         (["--onnx", no_json], "alone.json is missing"),
         (["--onnx", other_size], "expected input images [B,3,42,42]"),
         (["--onnx", good, "--image_size", "42"], "--image_size cannot be used with --onnx"),
-        (["--onnx", good, "--device", "gpu"], "--device gpu: with --onnx, expected cpu, cuda"),
+        (["--onnx", good, "--device", "gpu"], "--device gpu: with an ONNX model, expected cpu, cuda"),
     ]
     for flags, message in cases:
         assert run_predict(tmp_path / "out", photos / "p0.png", *flags) == 2
@@ -184,7 +185,7 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(tmp_path, exported, photos,
 
 def test_the_page_takes_an_exported_model_too(exported, photos):
     args = app.parse_args(["--onnx", str(exported[56, "fp32"]), "--device", "cpu"])
-    results = list(predict.predictor(args)(sorted(photos.glob("p[0-2].png"))))
+    results = list(predictor_of(args)(sorted(photos.glob("p[0-2].png"))))
     assert len(results) == 3 and all(isinstance(r, Prediction) for r in results)
     assert all(r.amap.shape == (56, 56) for r in results)
 
@@ -206,8 +207,8 @@ def test_the_page_takes_an_exported_model_too(exported, photos):
 def test_device_names_the_onnx_runtime_provider(device, device_id, available, expected):
     from types import SimpleNamespace
 
-    from utils.cli import UsageError
-    from utils.prediction import _onnx_providers
+    from utils.errors import UsageError
+    from utils.onnx_runtime import _onnx_providers
     fake = SimpleNamespace(get_available_providers=lambda: available)
     if isinstance(expected, str):
         with pytest.raises(UsageError, match=expected):

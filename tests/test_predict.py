@@ -112,12 +112,12 @@ def test_two_torchrun_processes_write_the_same_files_as_one(tmp_path, folder, ti
 
 @pytest.mark.parametrize("n,batch,world", [(6, 2, 2), (5, 2, 2), (1, 8, 2), (17, 4, 3), (10, 1, 4)])
 def test_shards_are_whole_batches_covering_every_input_once(monkeypatch, n, batch, world):
-    from utils.prediction import Shard
+    from utils.distributed import World
     monkeypatch.setenv("WORLD_SIZE", str(world))
     blocks = []
     for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
-        blocks.append(list(Shard().indices(n, batch)))
+        blocks.append(list(World().indices(n, batch)))
     assert sum(blocks, []) == list(range(n))
     assert all(b[0] % batch == 0 for b in blocks if b)
     counts = [-(-len(b) // batch) for b in blocks]
@@ -129,7 +129,7 @@ def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
     """A write that fails at the 4th input (d_rgba.png, batches of 2) leaves a, b, c recorded in
     progress/; --resume reads from d's batch on (a.png is not read again) and writes every file of
     an uninterrupted run, byte for byte, and the same summary."""
-    from utils.prediction import OutputWriter
+    from utils.outputs import OutputWriter
     flags = [folder, "--threshold", "0.5", "--save_maps"]
     assert run(tmp_path / "whole", tiny_archive, tiny_checkpoint, *flags) == 0
     whole = capsys.readouterr().out

@@ -7,19 +7,25 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from utils.data import image_transform
-from utils.prediction import (OutputWriter, Prediction, Skipped, binary_mask, full_size,
-                              predict_paths, read_rgb)
+from utils.images import read_rgb
+from utils.outputs import OutputWriter, binary_mask, full_size
+from utils.prediction import Prediction, Predictor, Skipped
+from utils.runtime import RuntimeOutput
 
 
-def ramp_maps(images):
+class RampRuntime:
     """A stand-in runtime: raw = a horizontal ramp, new = the mean of the first channel."""
-    b, _, s, _ = images.shape
-    raw = np.broadcast_to(np.linspace(0, 1, s, dtype=np.float32), (b, s, s)).copy()
-    new = np.broadcast_to(images[:, 0].mean((1, 2)).numpy()[:, None, None], (b, s, s))
-    return raw, new.astype(np.float32)
+
+    image_size, has_features = 32, False
+
+    def __call__(self, images):
+        b, _, s, _ = images.shape
+        raw = np.broadcast_to(np.linspace(0, 1, s, dtype=np.float32), (b, s, s)).copy()
+        new = np.broadcast_to(images[:, 0].mean((1, 2)).numpy()[:, None, None], (b, s, s))
+        return RuntimeOutput(raw, new.astype(np.float32))
 
 
-def test_any_maps_fn_order_skips_and_outputs(tmp_path):
+def test_any_runtime_order_skips_and_outputs(tmp_path):
     rng = np.random.default_rng(1)
     paths = []
     for name in ("x.png", "bad.png", "y.jpg"):
@@ -28,7 +34,7 @@ def test_any_maps_fn_order_skips_and_outputs(tmp_path):
             paths[-1].write_bytes(b"not an image")
         else:
             Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(paths[-1])
-    results = list(predict_paths(paths, ramp_maps, image_size=32, batch_size=2))
+    results = list(Predictor(RampRuntime(), batch_size=2)(paths))
     assert [type(r) for r in results] == [Skipped, Prediction, Prediction]
     assert [r.index for r in results] == [1, 0, 2] and "bad.png" in str(results[0].path)
     raw = np.broadcast_to(np.linspace(0, 1, 32, dtype=np.float32), (32, 32))

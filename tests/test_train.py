@@ -45,7 +45,7 @@ def load(path):
 
 
 def oracle_loss(maps, target):
-    """Focal + Dice written out in numpy (SPEC §7)."""
+    """Focal + Dice written out in numpy (docs/reproduction.md §7)."""
     g = target.numpy()[:, 0]
     total = 0.0
     for m in maps:

@@ -1,4 +1,4 @@
-"""Prompted text encoding, Pre-VCP, Post-VCP and the two branches (SPEC §3-6)."""
+"""Prompted text encoding, Pre-VCP, Post-VCP and the two branches (docs/reproduction.md §3-6)."""
 import math
 import subprocess
 from pathlib import Path

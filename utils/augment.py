@@ -1,4 +1,4 @@
-"""Training-time augmentation of an image and its mask together (SPEC §7).
+"""Training-time augmentation of an image and its mask together (docs/reproduction.md §7).
 
 The reference composed albumentations 1.x transforms with their default arguments::
 
@@ -153,7 +153,7 @@ def _keep_channels(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Augment:
-    """SPEC §7 training augmentation; ``augment(image, mask, rng) -> (image, mask)``.
+    """docs/reproduction.md §7 training augmentation; ``augment(image, mask, rng) -> (image, mask)``.
 
     ``image``: uint8 RGB [H,W,3]; ``mask``: uint8 [H,W] with values {0,255} (same H, W).
     Returns new arrays of the same dtypes (H and W swap after an odd quarter turn).
@@ -216,7 +216,7 @@ class Augment:
 
 
 def build_augment(**overrides) -> Augment:
-    """The reference's training augmentation (SPEC §7); keyword overrides change single settings."""
+    """The reference's training augmentation (docs/reproduction.md §7); keyword overrides change single settings."""
     return Augment(**overrides)
 
 

@@ -1,43 +1,35 @@
-"""What train.py, test.py and predict.py share: the model flags (the reference's names and
-defaults), the device and precision, and the one way a model is built from flags."""
+"""The command line of every front end: the shared flags (the reference's names and defaults),
+the one-line error reporter, and the translation of flags into library objects (a model source,
+a runtime, a scoring strategy, a predictor). Library modules never import this file."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import random
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from model import (CheckpointError, CLIPConfig, ConfigError, VCPConfig, WeightsError,
-                   build_vcp_clip, checkpoint_configs, read_checkpoint)
-from utils.data import DataError
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"
-DEFAULT_MODEL = "ViT-L-14-336"
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-class UsageError(ValueError):
-    """Bad flags or inputs found before any model work; the scripts print it without a traceback."""
-
-
-class OutputError(OSError):
-    """An output that could not be written (a full disk, a folder made read-only mid-run)."""
-
+from model import InputError
+from utils.device import PRECISIONS, select_device
+from utils.errors import UsageError
+from utils.images import expand_inputs
+from utils.paths import DEFAULT_CLIP
+from utils.prediction import Predictor
+from utils.runtime import ModelSource, Runtime, TorchRuntime
+from utils.scoring import FUSIONS, STRATEGIES, Context, Strategy, make_strategy
 
 # What a user's flags, files, data or disk can get wrong: reported as one line, never a traceback.
-INPUT_ERRORS = (UsageError, DataError, CheckpointError, WeightsError, ConfigError, OutputError)
+INPUT_ERRORS = (InputError,)
 
 
 def fail(error: Exception) -> int:
-    """Print an input error for the user; the scripts' exit status for it."""
-    print(f"error: {error}", file=sys.stderr)
+    """Print an input error for the user (``--<option>`` first where it names one); the
+    scripts' exit status for it."""
+    option = getattr(error, "option", None)
+    print(f"error: {'--' + option + ' ' if option else ''}{error}", file=sys.stderr)
     return 2
 
 
@@ -86,6 +78,8 @@ def check_output_folder(path: str | Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no permission to write in {existing}")
 
 
+# -- the model --------------------------------------------------------------------------------
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that shape the model. Those left unset take the checkpoint's saved config when it
     has one, else the reference's defaults (``VCPConfig``)."""
@@ -115,81 +109,112 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="ours: autocast precision (default fp16 on CUDA, fp32 on CPU)")
 
 
+# VCPConfig fields that model flags set
 FLAG_FIELDS = ("features_list", "image_size", "prompt_len", "deep_prompt_len",
                "total_d_layer_len", "use_global", "activation", "prompt_dropout")
 
 
-def vcp_config(args: argparse.Namespace, saved: VCPConfig | None = None) -> VCPConfig:
-    """Explicit flags > the checkpoint's saved config > the reference defaults."""
-    base = (saved or VCPConfig()).to_dict()
-    base.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f, None) is not None})
-    return VCPConfig(**base)
+def model_source(args: argparse.Namespace, checkpoint: str | None) -> ModelSource:
+    """The model the flags name, with the VCP checkpoint ``checkpoint``."""
+    overrides = {f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f, None) is not None}
+    if "features_list" in overrides:
+        overrides["features_list"] = tuple(overrides["features_list"])
+    return ModelSource(checkpoint or None, args.pretrained_path, args.config_path, args.model,
+                       overrides)
 
 
-def expected_clip_config(args: argparse.Namespace, payload: dict | None) -> CLIPConfig | None:
-    """The backbone the weights must match: --config_path, else --model, else None when the
-    checkpoint carries its own (``build_vcp_clip`` checks that), else the reference's."""
-    if args.config_path:
-        path, flag = Path(args.config_path), "--config_path"
-    elif args.model or payload is None or checkpoint_configs(payload)[1] is None:
-        path, flag = ROOT / "configs" / f"{args.model or DEFAULT_MODEL}.json", "--model"
+def device_of(args: argparse.Namespace) -> torch.device:
+    return select_device(args.device, args.device_id)
+
+
+# -- runtimes ---------------------------------------------------------------------------------
+
+def add_onnx_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                        help="run this export.py graph on ONNX Runtime instead of the PyTorch "
+                             "model (--checkpoint_path and --pretrained_path are then not read)")
+
+
+# What an exported model has fixed: with --onnx these flags would silently do nothing
+FIXED_BY_EXPORT = (*FLAG_FIELDS, "precision", "config_path", "model")
+
+
+def runtime_of(args: argparse.Namespace) -> Runtime:
+    """``--onnx``'s graph on ONNX Runtime, else the PyTorch model of the model flags."""
+    if getattr(args, "onnx", None):
+        fixed = [f"--{f}" for f in FIXED_BY_EXPORT if getattr(args, f, None) is not None]
+        if fixed:
+            raise UsageError(f"{', '.join(fixed)} cannot be used with --onnx: the exported "
+                             "model fixes the model and outputs only the zero-shot maps (see "
+                             "its .json)")
+        from utils.onnx_runtime import OnnxRuntime
+        return OnnxRuntime(args.onnx, args.device, args.device_id)
+    return TorchRuntime.load(model_source(args, args.checkpoint_path), device_of(args),
+                             args.precision)
+
+
+# -- scoring strategies -----------------------------------------------------------------------
+
+def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
+    """``--scoring`` (with ``--mutual`` as its short form), ``--fusion``, every registered
+    strategy's options, and where the references come from: ``references`` is ``"k_shot"``
+    (test.py: K normal train images per product) or ``"paths"`` (``--reference`` images)."""
+    g = parser.add_argument_group("beyond zero-shot (ours; docs/scoring.md)")
+    g.add_argument("--scoring", choices=list(STRATEGIES), default=None,
+                   help="how the images are scored (default zero_shot; reference with "
+                        "--k_shot/--reference)")
+    g.add_argument("--mutual", dest="scoring", action="store_const", const="mutual",
+                   help="the same as --scoring mutual: score each image against the other "
+                        "images of its group (no labels)")
+    if references == "k_shot":
+        g.add_argument("--k_shot", type=at_least(0), default=0,
+                       help="K normal train images per product as references (default 0)")
     else:
+        g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
+                       help="normal images (files, folders or globs) to compare every patch "
+                            "with; put it after the inputs")
+    g.add_argument("--fusion", choices=FUSIONS, default=FUSIONS[0],
+                   help="how the patch-score map joins the zero-shot maps (default %(default)s)")
+    for strategy in STRATEGIES.values():
+        for f in fields(strategy.Options):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            g.add_argument(f"--{f.name}", type=type(default), default=default,
+                           help=f.metadata.get("help", f"{strategy.name} scoring"))
+
+
+def scoring_name(args: argparse.Namespace) -> str:
+    """The strategy the flags choose; references given with another strategy are refused."""
+    given = bool(getattr(args, "k_shot", 0)) or getattr(args, "reference", None) is not None
+    flag = "--k_shot" if hasattr(args, "k_shot") else "--reference"
+    name = args.scoring or ("reference" if given else "zero_shot")
+    if given and name != "reference":
+        raise UsageError(f"{flag} and --{'mutual' if name == 'mutual' else 'scoring ' + name}: "
+                         "choose one")
+    if STRATEGIES[name].needs_references and not given:
+        raise UsageError(f"--scoring {name} needs references: give {flag}")
+    return name
+
+
+def strategy_of(args: argparse.Namespace, context: Context | None) -> Strategy:
+    """The scoring strategy of the flags (checked; ``context`` None: checked only)."""
+    return make_strategy(scoring_name(args), vars(args), context, args.fusion)
+
+
+def reference_paths(args: argparse.Namespace) -> list[Path] | None:
+    """The ``--reference`` images (None without the flag); fails before any model work."""
+    if args.reference is None:
         return None
-    if not path.is_file():
-        raise UsageError(f"{flag}: backbone config {path} does not exist")
-    return CLIPConfig.from_json(path)
+    references = expand_inputs(args.reference)
+    if not references:
+        raise UsageError(f"--reference: no images found in {args.reference}")
+    return references
 
 
-def select_device(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, "
-                             "...)") from None
-        backend = getattr(torch, device.type, None)
-        if device.type != "cpu" and not (
-                backend is not None and backend.is_available()
-                and (device.index or 0) < getattr(backend, "device_count", lambda: 1)()):
-            raise UsageError(f"--device {args.device}: this machine has no such device")
-        return device
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    if accelerator is not None and accelerator.is_available():
-        return torch.device(accelerator.current_accelerator().type, args.device_id)
-    if torch.cuda.is_available():
-        return torch.device(args.device_id)  # an index alone names a CUDA device
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision: str | None):
-    """fp16 autocast on an accelerator by default (as the paper), fp32 on the CPU."""
-    precision = precision or ("fp32" if device.type == "cpu" else "fp16")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def read_checkpoint_and_config(args: argparse.Namespace, checkpoint_path) -> tuple[dict | None, VCPConfig]:
-    """Read (and so check) the checkpoint before any model work; resolve the model config."""
-    payload = read_checkpoint(checkpoint_path) if checkpoint_path else None
-    saved = checkpoint_configs(payload)[0] if payload is not None else None
-    return payload, vcp_config(args, saved)
-
-
-def build_model(args: argparse.Namespace, cfg: VCPConfig, payload: dict | None,
-                device: torch.device, source: str = ""):
-    """The one model builder of the scripts (fp32 weights, eval mode, on ``device``); ``source``
-    names the checkpoint file that ``payload`` was read from."""
-    pretrained = Path(args.pretrained_path)
-    if not pretrained.is_absolute() and not pretrained.exists() and (ROOT / pretrained).exists():
-        pretrained = ROOT / pretrained
-    model = build_vcp_clip(pretrained, cfg, checkpoint=payload,
-                           clip_config=expected_clip_config(args, payload), source=source)
-    return model.to(device)
+def predictor_of(args: argparse.Namespace) -> Predictor:
+    """The runtime and scoring the flags name as one ``Predictor`` of image paths: what
+    predict.py, its ``--calibrate`` and the inspection page run."""
+    strategy_of(args, None)  # bad scoring flags fail before the model is built
+    references = reference_paths(args)
+    runtime = runtime_of(args)
+    context = Context(runtime, runtime.image_size, references, args.batch_size)
+    return Predictor(runtime, strategy_of(args, context), args.batch_size, args.num_workers)

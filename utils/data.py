@@ -1,4 +1,4 @@
-"""One dataset class for every standardized dataset (SPEC §1 preprocessing, §7 training data, §9 meta).
+"""One dataset class for every standardized dataset (docs/reproduction.md §1 preprocessing, §7 training data, §9 meta).
 
 A data root holds ``meta_<name>.json`` = ``{"train": {product: [entry, ...]}, "test": {...}}``; each
 entry is ``{img_path, mask_path, cls_name, specie_name, dataset_name, anomaly}`` with paths relative
@@ -21,7 +21,7 @@ are alpha-weighted, and un-premultiplied afterwards) and resizes palette ("P") a
 images with nearest neighbour whatever filter is asked. The standardized BMPs are 24-bit RGB, so
 none of this arises on the reference datasets. ``tests/test_data.py`` pins these facts.
 
-Training (SPEC §7): an ``augment`` callable (``utils.augment.Augment``) is applied to the
+Training (docs/reproduction.md §7): an ``augment`` callable (``utils.augment.Augment``) is applied to the
 original-size uint8 RGB image and its {0,255} mask before the preprocessing above; with
 probability ``mosaic_rate`` a sample is replaced by a 2x2 mosaic of four anomalous images of the
 same product (see ``AnomalyDataset`` for the exact layout).
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +56,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from utils.errors import DataError
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "DataError",
     "AnomalyDataset",
     "image_transform",
     "mask_transform",
@@ -71,7 +71,7 @@ __all__ = [
     "choose_references",
 ]
 
-# OpenAI CLIP's normalization constants (SPEC §1).
+# OpenAI CLIP's normalization constants (docs/reproduction.md §1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -82,20 +82,8 @@ ENTRY_KEYS = ("img_path", "mask_path", "cls_name", "anomaly")
 _MAX_LISTED = 10  # missing files named in one error message
 
 
-class DataError(ValueError):
-    """A data root, meta file or data file is missing or does not have the expected form."""
-
-    def __init__(self, message: str = ""):
-        # Raised in a DataLoader worker, it comes back as DataError("Caught DataError in DataLoader
-        # worker process N.\nOriginal Traceback ...\nutils.data.DataError: <message>"): the user
-        # gets <message> alone, as from the main process.
-        if message.startswith("Caught DataError"):
-            message = re.split(r"^\S*DataError: ", message, flags=re.M)[-1].rstrip("\n")
-        super().__init__(message)
-
-
 # ----------------------------------------------------------------------------------------------
-# Preprocessing (SPEC §1)
+# Preprocessing (docs/reproduction.md §1)
 # ----------------------------------------------------------------------------------------------
 
 class _ConvertRGB:
@@ -122,7 +110,7 @@ class _Binarize:
 
 
 def image_transform(size: int = 518) -> T.Compose:
-    """PIL image (any mode) -> float32 tensor [3, size, size], CLIP-normalized (SPEC §1)."""
+    """PIL image (any mode) -> float32 tensor [3, size, size], CLIP-normalized (docs/reproduction.md §1)."""
     return T.Compose([
         T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(size),
@@ -133,7 +121,7 @@ def image_transform(size: int = 518) -> T.Compose:
 
 
 def mask_transform(size: int = 518) -> T.Compose:
-    """PIL "L" mask with values {0, 255} -> float32 tensor [1, size, size] in {0, 1} (SPEC §1)."""
+    """PIL "L" mask with values {0, 255} -> float32 tensor [1, size, size] in {0, 1} (docs/reproduction.md §1)."""
     return T.Compose([
         T.Resize((size, size)),  # torchvision's default interpolation: bilinear
         T.CenterCrop(size),
@@ -216,8 +204,8 @@ def choose_references(root: str | os.PathLike, dataset_name: str, products: Iter
     for product in products:
         normal = [e["img_path"] for e in train.get(product, []) if e["anomaly"] == 0]
         if len(normal) < k:
-            raise DataError(f"--k_shot {k}: product {product!r} has {len(normal)} normal images "
-                            f"in the train split of {meta_path(root, dataset_name)}")
+            raise DataError(f"{k}: product {product!r} has {len(normal)} normal images in the "
+                            f"train split of {meta_path(root, dataset_name)}", option="k_shot")
         rng = np.random.default_rng([seed, zlib.crc32(product.encode())])
         chosen[product] = [normal[i] for i in sorted(rng.choice(len(normal), k, replace=False))]
     return chosen
@@ -260,7 +248,7 @@ class AnomalyDataset(Dataset):
             [H,W,3] and uint8 {0,255} [H,W] arrays (``utils.augment.Augment``), applied before the
             preprocessing. Training only.
         mosaic_rate: probability that a sample is replaced by a 2x2 mosaic of four anomalous
-            images of its product (SPEC §7; the reference uses 0.2 for MVTec-AD training only).
+            images of its product (docs/reproduction.md §7; the reference uses 0.2 for MVTec-AD training only).
 
     Mosaic layout (as the reference builds it): four anomalous entries of the sample's product
     are drawn uniformly *with replacement*; each image is converted to RGB; with (W, H) the size

@@ -1,4 +1,4 @@
-"""Segmentation losses of VCP-CLIP training (SPEC §7).
+"""Segmentation losses of VCP-CLIP training (docs/reproduction.md §7).
 
 For each tapped layer and each branch (linear "raw" and Post-VCP "new") the model yields a
 2-channel softmax map ``[B, 2, H, W]`` (channel 1 = abnormal). The training loss is, summed over
@@ -74,7 +74,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
 
 
 def segmentation_loss(prob_maps: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """SPEC §7 training loss: ``sum over maps of focal(map, target) + dice(map[:, 1], target)``.
+    """docs/reproduction.md §7 training loss: ``sum over maps of focal(map, target) + dice(map[:, 1], target)``.
 
     prob_maps: list of [B, 2, H, W] softmax maps (every tapped layer of both branches).
     target:    [B, 1, H, W] or [B, H, W] binary mask.

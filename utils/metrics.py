@@ -1,4 +1,4 @@
-"""Test metrics of VCP-CLIP (SPEC §10) as pure functions over numpy arrays.
+"""Test metrics of VCP-CLIP (docs/reproduction.md §10) as pure functions over numpy arrays.
 
 Shapes: N images of H x W pixels per product. ``raw`` / ``new`` are the per-image abnormal maps of
 the two branches (float32 ``[N, H, W]``), ``masks`` the ground truth (``[N, H, W]``, {0, 1}),
@@ -9,8 +9,6 @@ Three families live here:
 * **Map arithmetic** (:func:`product_maps`, built from :func:`smoothed_blend` and
   :func:`image_scores`): blend, Gaussian filter, product-wide min-max
   normalization and the top-k image score, all in float32 like the reference.
-  :func:`fuse_maps` *(ours)* combines the zero-shot branch maps with a few-shot reference or
-  mutual score map before that arithmetic.
 * **ROC / AP / F1 from one sort** (:func:`binary_curve` and the functions taking its result): the
   cumulative true/false-positive counts at every distinct score are computed once, and AUROC,
   average precision, the precision-recall curve, F1-max and its IoU are read off them. They equal
@@ -21,7 +19,7 @@ Three families live here:
   computed without its per-threshold loop; :func:`aupro_official` *(ours)* is the MVTec-AD
   definition (exact PRO curve, integrated up to FPR 0.3, divided by 0.3).
 
-:func:`evaluate_product` gives one row of the SPEC §10 table and :func:`format_table` prints it.
+:func:`evaluate_product` gives one row of the docs/reproduction.md §10 table and :func:`format_table` prints it.
 Every metric is a raw fraction (not x100); undefined metrics are ``nan`` with a warning.
 """
 
@@ -37,8 +35,7 @@ from skimage.measure import label as _label_components
 
 __all__ = [
     "UndefinedMetricWarning",
-    "FUSIONS",
-    "fuse_maps",
+    "check_pair",
     "smoothed_blend",
     "image_scores",
     "product_maps",
@@ -62,7 +59,7 @@ __all__ = [
     "format_table",
 ]
 
-# Reference constants (SPEC §10).
+# Reference constants (docs/reproduction.md §10).
 BLEND_RAW = 0.2  # weight of the linear ("raw", Pre-VCP) map in the pixel map
 BLEND_NEW = 0.8  # weight of the Post-VCP ("new") map
 SIGMA = 8.0  # Gaussian filter of the blended map, per image, SciPy defaults otherwise
@@ -138,7 +135,7 @@ def _top_k_mean(x: np.ndarray, k: int) -> np.float32:
     return np.sort(flat).mean(dtype=np.float32)
 
 
-def _check_pair(raw, new, name: str) -> tuple[np.ndarray, np.ndarray]:
+def check_pair(raw, new, name: str) -> tuple[np.ndarray, np.ndarray]:
     raw = np.asarray(raw, dtype=np.float32)
     new = np.asarray(new, dtype=np.float32)
     if raw.ndim != 3 or raw.shape != new.shape:
@@ -146,51 +143,6 @@ def _check_pair(raw, new, name: str) -> tuple[np.ndarray, np.ndarray]:
             f"{name}: raw and new must both be [N, H, W]; got {raw.shape} and {new.shape}"
         )
     return raw, new
-
-
-# fuse_maps rules, the default (best measured, README 'Few-shot and mutual scoring') first
-FUSIONS = ("sum", "geometric", "alone")
-
-
-def _spread(x: np.ndarray) -> np.float32:
-    """Standard deviation over every pixel of the set; 1 for a constant set (nothing to scale)."""
-    sd = np.float32(x.std(dtype=np.float64))
-    return sd if sd > 0 else np.float32(1)
-
-
-def fuse_maps(raw, new, patch, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    """Both zero-shot branch maps combined with a patch-score map, float32 (ours).
-
-    Args:
-        raw, new: ``[N, H, W]`` abnormal maps of the two branches (softmax probabilities).
-        patch: ``[N, H, W]`` reference or mutual score (a distance ``1 - cos`` >= 0).
-        rule: ``"geometric"``: ``sqrt(branch * patch)`` per pixel; ``"sum"``: ``branch / sd(branch)
-            + patch / sd(patch)``, each scaled by its standard deviation over all pixels of the set
-            (the images scored together), both divided by one constant of the set that makes their
-            blend ``0.2 * raw + 0.8 * new`` a convex combination of raw, new and patch (so the
-            fused maps keep the zero-shot maps' scale, 0 to 1); ``"alone"``: the patch map.
-
-    Returns:
-        ``(raw, new)`` fused, ``[N, H, W]`` float32 each.
-
-    Neither map's scale can drown the other: multiplying either by a constant multiplies the
-    geometric mean by a constant and leaves the sum unchanged, and a constant common to the set
-    changes no metric, as the product normalization removes it (``tests/test_metrics.py``).
-    """
-    raw, new = _check_pair(raw, new, "fuse_maps")
-    patch = np.maximum(np.asarray(patch, dtype=np.float32), 0)  # 1 - cos may round below 0
-    if raw.shape != patch.shape:
-        raise ValueError(f"fuse_maps: shapes {raw.shape} and {patch.shape} differ")
-    if rule == "geometric":
-        return np.sqrt(raw * patch), np.sqrt(new * patch)
-    if rule == "sum":
-        w_raw, w_new, w_patch = 1 / _spread(raw), 1 / _spread(new), 1 / _spread(patch)
-        total = BLEND_RAW * w_raw + BLEND_NEW * w_new + w_patch  # the blend's weights sum to 1
-        return tuple((w / total) * x + (w_patch / total) * patch
-                     for x, w in ((raw, w_raw), (new, w_new)))
-    if rule == "alone":
-        return patch, patch
-    raise ValueError(f"fuse_maps: unknown rule {rule!r} (expected one of {FUSIONS})")
 
 
 def smoothed_blend(raw, new, *, sigma: float = SIGMA) -> np.ndarray:
@@ -204,7 +156,7 @@ def smoothed_blend(raw, new, *, sigma: float = SIGMA) -> np.ndarray:
     Returns:
         ``[N, H, W] float32``: ``gaussian_filter(0.2 * raw + 0.8 * new, sigma)`` per image.
     """
-    raw, new = _check_pair(raw, new, "smoothed_blend")
+    raw, new = check_pair(raw, new, "smoothed_blend")
     out = np.empty(raw.shape, dtype=np.float32)  # [N, H, W]
     for i in range(raw.shape[0]):
         # Python-float weights times a float32 array stay float32 (NumPy 1.x and 2.x alike).
@@ -224,7 +176,7 @@ def image_scores(raw, new, *, top_k: int = TOP_K) -> np.ndarray:
     Returns:
         ``[N] float32``: ``mean(top_k of raw) + mean(top_k of new)`` per image (unsmoothed maps).
     """
-    raw, new = _check_pair(raw, new, "image_scores")
+    raw, new = check_pair(raw, new, "image_scores")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     out = np.empty(raw.shape[0], dtype=np.float32)  # [N]
@@ -241,7 +193,7 @@ def product_maps(
     top_k: int = TOP_K,
     name: str = "product",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel maps and image scores of one product, float32 throughout (SPEC §10).
+    """Pixel maps and image scores of one product, float32 throughout (docs/reproduction.md §10).
 
     Args:
         raw: ``[N, H, W]`` abnormal map of the linear branch per image (cast to float32).
@@ -257,7 +209,7 @@ def product_maps(
         topk_mean(new)``, unsmoothed), min-max normalized over the product.
         A constant product (max == min) gives zeros and an :class:`UndefinedMetricWarning`.
     """
-    raw, new = _check_pair(raw, new, name)
+    raw, new = check_pair(raw, new, name)
     pixel_maps = smoothed_blend(raw, new, sigma=sigma)
     scores = image_scores(raw, new, top_k=top_k)
     _minmax_float32(pixel_maps, f"{name}: pixel maps")
@@ -580,7 +532,7 @@ def _threshold_bins(values: np.ndarray, cuts: np.ndarray, lo, step) -> np.ndarra
 def aupro_reference(
     maps, masks, *, max_fpr: float = MAX_FPR, steps: int = PRO_STEPS
 ) -> float:
-    """AUPRO as the reference computes it (SPEC §10), in one pass over the pixels.
+    """AUPRO as the reference computes it (docs/reproduction.md §10), in one pass over the pixels.
 
     Definition: thresholds ``th = np.arange(min, max, (max - min) / steps)`` over the product's
     maps; at each, pixel positive iff ``value > th``; PRO(th) = mean over every connected
@@ -753,7 +705,7 @@ def evaluate_product(
     sigma: float = SIGMA,
     top_k: int = TOP_K,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """One row of the SPEC §10 table for a product, plus its normalized pixel maps.
+    """One row of the docs/reproduction.md §10 table for a product, plus its normalized pixel maps.
 
     Args:
         raw, new: ``[N, H, W]`` float32 abnormal maps of the two branches.
@@ -826,7 +778,7 @@ def mean_row(
 def format_table(
     rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = TABLE_COLUMNS
 ) -> str:
-    """The SPEC §10 pipe table: one row per product then ``mean`` (nanmean over products).
+    """The docs/reproduction.md §10 pipe table: one row per product then ``mean`` (nanmean over products).
 
     Args:
         rows: product name -> row of raw fractions (as :func:`evaluate_product` returns).

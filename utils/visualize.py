@@ -1,4 +1,4 @@
-"""Visualization panels of SPEC §10: image | heat map | map above the F1 threshold | mask.
+"""Visualization panels of docs/reproduction.md §10: image | heat map | map above the F1 threshold | mask.
 
 Images are uint8 RGB ``[H, W, 3]``, maps float ``[H, W]`` in [0, 1], masks ``[H, W]`` {0, 1}.
 """
@@ -16,7 +16,7 @@ from utils.files import atomic_write
 __all__ = ["PANEL_HEIGHT", "PANEL_GAP", "heatmap_overlay", "make_panel", "save_panel", "write_png",
            "png_bytes"]
 
-PANEL_HEIGHT = 256  # every panel is resized to this height (SPEC §10)
+PANEL_HEIGHT = 256  # every panel is resized to this height (docs/reproduction.md §10)
 PANEL_GAP = 10  # white columns between panels
 ALPHA = 0.5  # heat-map opacity over the image
 CONTOUR_RGB = (0, 255, 0)  # ground-truth contours, green

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from dataset.common import DatasetError, Plan
+from dataset.common import Plan
+from utils.errors import DataError
 
 LAYOUTS = ("mvtec", "visa", "mvtec_like", "btad", "folder")
 
@@ -21,26 +22,26 @@ DEFAULT_LAYOUTS = {
     "dtd": "mvtec_like", "dtd-synthetic": "mvtec_like", "dtdsynthetic": "mvtec_like",
 }
 
-# MVTec-AD and VisA are defined by SPEC §9 (fixed products, prefixes, thresholds): the names
+# MVTec-AD and VisA are defined by docs/reproduction.md §9 (fixed products, prefixes, thresholds): the names
 # "mvtec" and "visa" always mean those layouts, and those layouts always write those names.
 RESERVED = {"mvtec": "mvtec", "visa": "visa"}
 
 
 def resolve_layout(name: str, layout: Optional[str] = None) -> str:
-    """The layout to use for dataset ``name``; raises DatasetError for an impossible choice."""
+    """The layout to use for dataset ``name``; raises DataError for an impossible choice."""
     if layout is not None and layout not in LAYOUTS:
-        raise DatasetError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+        raise DataError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     reserved = RESERVED.get(name.lower())
     if reserved and layout not in (None, reserved):
-        raise DatasetError(f"dataset {name!r} is always converted with layout {reserved!r}, "
-                           f"not {layout!r} (SPEC §9 fixes its products and file names)")
+        raise DataError(f"dataset {name!r} is always converted with layout {reserved!r}, "
+                           f"not {layout!r} (docs/reproduction.md §9 fixes its products and file names)")
     if layout in RESERVED.values() and name != layout:
-        raise DatasetError(f"layout {layout!r} writes the dataset {layout!r}; "
+        raise DataError(f"layout {layout!r} writes the dataset {layout!r}; "
                            f"use --dataset {layout} (got {name!r})")
     if layout is None:
         layout = DEFAULT_LAYOUTS.get(name.lower())
     if layout is None:
-        raise DatasetError(f"no default layout for dataset {name!r}: pass --layout "
+        raise DataError(f"no default layout for dataset {name!r}: pass --layout "
                            f"({', '.join(LAYOUTS)})")
     return layout
 
@@ -50,16 +51,16 @@ def make_plan(name: str, src: Path, layout: Optional[str] = None,
     """Validate ``src`` as ``layout`` (default: implied by ``name``) and plan its conversion.
 
     ``mask_threshold`` overrides the default binarization of the mvtec_like/btad/folder layouts
-    (MVTec-AD and VisA keep SPEC §9's > 128 and > 0); ``allow_missing_masks`` is for ``folder``.
+    (MVTec-AD and VisA keep docs/reproduction.md §9's > 128 and > 0); ``allow_missing_masks`` is for ``folder``.
     """
     from dataset.layouts import folder, mvtec, mvtec_like, visa
 
     layout = resolve_layout(name, layout)
     if layout in RESERVED.values() and mask_threshold is not None:
-        raise DatasetError(f"--mask_threshold cannot change the {layout!r} layout "
-                           "(SPEC §9 fixes its binarization)")
+        raise DataError(f"--mask_threshold cannot change the {layout!r} layout "
+                           "(docs/reproduction.md §9 fixes its binarization)")
     if layout != "folder" and allow_missing_masks:
-        raise DatasetError("--allow_missing_masks only applies to the 'folder' layout")
+        raise DataError("--allow_missing_masks only applies to the 'folder' layout")
     if layout == "mvtec":
         return mvtec.plan(src)
     if layout == "visa":

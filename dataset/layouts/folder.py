@@ -88,7 +88,7 @@ def plan_train(product: str, folder: Path) -> list[Item]:
 
 def plan(src: Path, name: str, mask_threshold: Optional[int] = None,
          allow_missing_masks: bool = False) -> Plan:
-    """Plan the conversion of a plain good/anomaly folder; raises DatasetError on problems."""
+    """Plan the conversion of a plain good/anomaly folder; raises DataError on problems."""
     src = Path(src)
     problems = Problems()
     products = find_products(src, problems)

@@ -9,7 +9,7 @@ Source layout, per product folder ``<src>/<product>/``::
 
 MVTec-AD, MPDD and DTD-Synthetic use ``<good>`` = ``good`` and ``_mask``; BTAD uses ``ok`` for
 normal and ``ko`` for its single defect folder, and masks named like the image (``.png`` or
-``.bmp``).  Processing order (SPEC §9, as MVTec-AD): products in order, per product the training
+``.bmp``).  Processing order (docs/reproduction.md §9, as MVTec-AD): products in order, per product the training
 images (sorted), then the test folders (sorted), images sorted.  Output names:
 ``{name}_{id}.bmp`` (train), ``{name}_good_{id}.bmp`` (test normal),
 ``{name}_{defect}_{id}.bmp`` + mask ``.png`` (test anomalous).
@@ -35,7 +35,7 @@ class MvtecLikeStyle:
     default_threshold: int = 128                      # mask value > threshold is anomalous
 
 
-# SPEC §9: MVTec-AD masks are NNN_mask.png, binarized as value > 128.
+# docs/reproduction.md §9: MVTec-AD masks are NNN_mask.png, binarized as value > 128.
 MVTEC_STYLE = MvtecLikeStyle()
 # MPDD, DTD-Synthetic and other MVTec-AD look-alikes: as MVTec-AD, any image extension for masks.
 GENERIC_STYLE = MvtecLikeStyle(mask_extensions=IMAGE_EXTENSIONS)
@@ -65,7 +65,7 @@ def plan_product(src: Path, product: str, style: MvtecLikeStyle, problems: Probl
         items += [Item(product, TRAIN_GOOD, "", train_dir / n) for n in list_images(train_dir)]
     if not problems.require_dir(test_dir, "test images, one folder per defect type"):
         return items
-    for defect in list_subdirs(test_dir):  # sorted (SPEC §9)
+    for defect in list_subdirs(test_dir):  # sorted (docs/reproduction.md §9)
         images = [test_dir / defect / n for n in list_images(test_dir / defect)]
         if defect == style.good:
             items += [Item(product, TEST_GOOD, "good", image) for image in images]
@@ -85,7 +85,7 @@ def plan(src: Path, name: str, style: MvtecLikeStyle = GENERIC_STYLE,
     """Plan the conversion of an MVTec-AD-layout dataset.
 
     ``products`` fixes the product order (and makes each one required); by default the products
-    are discovered and sorted.  Raises DatasetError listing every problem.
+    are discovered and sorted.  Raises DataError listing every problem.
     """
     src = Path(src)
     problems = Problems()

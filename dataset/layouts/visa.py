@@ -1,4 +1,4 @@
-"""VisA (SPEC §9), driven by ``<root>/split_csv/1cls.csv``.
+"""VisA (docs/reproduction.md §9), driven by ``<root>/split_csv/1cls.csv``.
 
 Original: ``<root>/<product>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly}`` and the CSV with
 columns ``object, split, label, image, mask`` (paths relative to ``<root>``; ``label`` is
@@ -21,7 +21,7 @@ from dataset.products import VISA_PRODUCTS
 NAME = "visa"
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
-MASK_THRESHOLD = 0  # SPEC §9: VisA masks are binarized as value > 0
+MASK_THRESHOLD = 0  # docs/reproduction.md §9: VisA masks are binarized as value > 0
 
 
 def read_split_csv(path: Path, problems: Problems) -> Optional[list[tuple[int, dict]]]:
@@ -87,7 +87,7 @@ def plan(src: Path) -> Plan:
                 problems.add(f"{csv_path}: no rows for product {product!r}")
 
     items = []
-    for product in VISA_PRODUCTS:  # fixed order; train rows then test rows, CSV order (SPEC §9)
+    for product in VISA_PRODUCTS:  # fixed order; train rows then test rows, CSV order (docs/reproduction.md §9)
         for where, row in by_product[product]["train"] + by_product[product]["test"]:
             item = row_item(src, where, row, problems)
             if item is not None:

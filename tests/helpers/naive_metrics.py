@@ -1,4 +1,4 @@
-"""The straightforward way to compute the SPEC §10 metrics: the oracle and the baseline.
+"""The straightforward way to compute the docs/reproduction.md §10 metrics: the oracle and the baseline.
 
 Independent of ``utils.metrics``: per-call scikit-learn metrics, the reference AUPRO as a loop
 over thresholds that thresholds every map and labels every mask with scikit-image at each
@@ -81,7 +81,7 @@ def naive_image_metrics(scores, labels) -> dict[str, float]:
 def naive_aupro_reference(
     maps, masks, max_fpr: float = 0.3, steps: int = 200, connectivity: int | None = None
 ) -> float:
-    """The reference AUPRO, one threshold at a time (SPEC §10).
+    """The reference AUPRO, one threshold at a time (docs/reproduction.md §10).
 
     ``connectivity=None`` is scikit-image's default (full, i.e. 8-connectivity on 2-D masks).
     """
@@ -142,7 +142,7 @@ def naive_aupro_official(maps, masks, max_fpr: float = 0.3) -> float:
 
 
 def naive_evaluate_product(raw, new, masks, labels) -> dict[str, float]:
-    """The SPEC §10 row of one product through the naive functions above."""
+    """The docs/reproduction.md §10 row of one product through the naive functions above."""
     maps, scores = naive_product_maps(raw, new)
     row = naive_pixel_metrics(maps, masks)
     row["aupro_px"] = naive_aupro_reference(maps, masks)

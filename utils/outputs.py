@@ -1,0 +1,66 @@
+"""What a prediction writes: the heat-map overlay and the thresholded mask at the image's size,
+the map itself, and scores.csv; every file atomically."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils.files import atomic_write
+from utils.images import read_rgb
+from utils.prediction import Prediction
+from utils.visualize import heatmap_overlay, write_png
+
+__all__ = ["SCORE_FIELDS", "full_size", "overlay", "binary_mask", "scores_csv", "OutputWriter"]
+
+SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
+
+
+def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map [S,S] resized bilinearly to an image's (width, height) -> [H, W] float32."""
+    return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR))
+
+
+def overlay(image: np.ndarray, full_map: np.ndarray) -> np.ndarray:
+    """The jet heat map of a map at the image's size over the image (uint8 RGB [H,W,3])."""
+    return heatmap_overlay(image, np.clip(full_map, 0, 1))
+
+
+def binary_mask(full_map: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels of the map above ``threshold`` -> uint8 [H, W] with values 0/255."""
+    return ((full_map > threshold) * 255).astype(np.uint8)
+
+
+def scores_csv(rows: list[dict]) -> str:
+    """The text of scores.csv: a header of ``SCORE_FIELDS``, then one line per row."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(SCORE_FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+class OutputWriter:
+    """Writes ``overlays/<name>.png`` (at the input's size), with a threshold ``masks/<name>.png``
+    (0/255, the input's size), with ``save_maps`` ``maps/<name>.npy`` (the model's resolution),
+    and ``scores.csv``; every file atomically."""
+
+    def __init__(self, out: Path, threshold: float | None = None, save_maps: bool = False):
+        self.out, self.threshold, self.save_maps = Path(out), threshold, save_maps
+
+    def write(self, name: str, prediction: Prediction) -> None:
+        image = np.asarray(read_rgb(prediction.path))  # [H, W, 3]
+        full = full_size(prediction.amap, image.shape[1::-1])
+        write_png(self.out / "overlays" / f"{name}.png", overlay(image, full))
+        if self.threshold is not None:
+            write_png(self.out / "masks" / f"{name}.png", binary_mask(full, self.threshold))
+        if self.save_maps:
+            buf = io.BytesIO()
+            np.save(buf, prediction.amap)
+            atomic_write(self.out / "maps" / f"{name}.npy", buf.getvalue())
+
+    def write_scores(self, rows: list[dict]) -> Path:
+        return atomic_write(self.out / "scores.csv", scores_csv(rows))

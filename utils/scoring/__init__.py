@@ -1,0 +1,142 @@
+"""Scoring strategies: how a group of images (a product in test.py, a folder in predict.py and
+on the page) is scored beyond the two zero-shot maps (docs/scoring.md).
+
+A strategy turns the runtime's outputs for a group into one patch-score map per image, which
+``fuse_maps`` joins with both zero-shot branches before the usual blend and score. Zero-shot
+scoring (the paper's) is the strategy with no patch map: its numbers are the zero-shot path's,
+bit for bit.
+
+Adding one is one module in this package plus its ``@register``: a subclass of ``Strategy`` with
+a ``name``, an ``Options`` dataclass (each field one setting; the front ends offer it as the flag
+``--<field>``, with the field's ``help`` metadata) and ``group``, which returns a ``GroupScorer``.
+The pure tensor arithmetic belongs in ``model/`` (``model/patch_scoring.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, ClassVar, Protocol
+
+import numpy as np
+
+from utils.errors import UsageError
+from utils.runtime import Runtime, RuntimeOutput
+from utils.scoring.fusion import FUSIONS, fuse_maps
+
+__all__ = ["GroupScorer", "Context", "Strategy", "STRATEGIES", "register", "make_strategy",
+           "FUSIONS", "fuse_maps", "ZeroShot"]
+
+
+class GroupScorer(Protocol):
+    """Scores the images of one group, fed batch by batch in order."""
+
+    def add(self, output: RuntimeOutput, rows: list[int]) -> None:
+        """The rows ``rows`` of a batch's ``output`` belong to this group."""
+
+    def patch_maps(self) -> np.ndarray | None:
+        """[N,S,S] float32 patch-score maps of the images added, in order; None: no patch map
+        (the zero-shot maps are used as they are)."""
+
+
+@dataclass
+class Context:
+    """What a strategy may use besides the group's own outputs."""
+
+    runtime: Runtime
+    image_size: int
+    # the normal reference images: the same for every group, or a group's (a function of its name)
+    references: list[Path] | Callable[[str], list[Path]] | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Strategy:
+    """One way of scoring groups; ``options`` its settings, checked when it is made."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    patch_map: ClassVar[bool] = True  # False: the zero-shot maps as they are
+    min_images: ClassVar[int] = 1  # images that a group needs (mutual scoring: 2)
+    needs_references: ClassVar[bool] = False
+
+    def __init__(self, options=None, context: Context | None = None, fusion: str = FUSIONS[0]):
+        self.options = options if options is not None else self.Options()
+        self.context, self.fusion = context, fusion
+        self.check()
+        if self.patch_map and context is not None and not context.runtime.has_features:
+            raise UsageError(f"{self.name} scoring reads the patch tokens, which this runtime "
+                             "does not give (an exported graph has only the zero-shot maps)")
+
+    def check(self) -> None:
+        """Raise ``UsageError(option=<field>)`` for a setting out of range."""
+
+    def prepare(self) -> None:
+        """Work that can fail on the user's inputs, done before any image is read (reading the
+        references that every group shares, say)."""
+
+    def group(self, name: str) -> GroupScorer:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What metrics.json and the page say of this scoring (None-free JSON)."""
+        return {"scoring": self.name, "fusion": self.fusion,
+                **{f.name: getattr(self.options, f.name) for f in fields(self.options)}}
+
+    def finish(self, raw: np.ndarray, new: np.ndarray,
+               scorer: GroupScorer) -> tuple[np.ndarray, np.ndarray]:
+        """A group's zero-shot maps [N,S,S] fused with its patch maps (as they are without)."""
+        patch = scorer.patch_maps()
+        return (raw, new) if patch is None else fuse_maps(raw, new, patch, self.fusion)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Make a strategy known to every front end by its ``name``."""
+    if cls.name in STRATEGIES:
+        raise ValueError(f"a scoring strategy {cls.name!r} is registered already")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def make_strategy(name: str, settings: dict, context: Context | None = None,
+                  fusion: str = FUSIONS[0]) -> Strategy:
+    """The strategy ``name`` with its options read from ``settings`` (e.g. the flags' values;
+    keys that are not its options are ignored)."""
+    if name not in STRATEGIES:
+        raise UsageError(f"{name!r}: expected one of {', '.join(STRATEGIES)}", option="scoring")
+    cls = STRATEGIES[name]
+    options = cls.Options(**{f.name: settings[f.name] for f in fields(cls.Options)
+                             if settings.get(f.name) is not None})
+    return cls(options, context, fusion)
+
+
+class _NoPatchMap:
+    def add(self, output: RuntimeOutput, rows: list[int]) -> None:
+        pass
+
+    def patch_maps(self) -> None:
+        return None
+
+
+@register
+class ZeroShot(Strategy):
+    """The paper's scoring: the two zero-shot maps alone."""
+
+    name = "zero_shot"
+    patch_map = False
+
+    def group(self, name: str) -> GroupScorer:
+        return _NoPatchMap()
+
+    def describe(self) -> dict:
+        return {"scoring": self.name}
+
+
+# the strategies beyond zero-shot register themselves on import
+from utils.scoring import mutual, reference  # noqa: E402,F401

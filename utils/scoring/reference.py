@@ -1,0 +1,82 @@
+"""Few-shot scoring: every patch against a memory of normal reference images' patches
+(``model/patch_scoring.py:reference_score``). A group's memory is built from its references when
+the group starts, and only the current group's is kept."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.patch_scoring import reference_memory, reference_score, score_map
+from utils.data import image_transform
+from utils.errors import UsageError
+from utils.images import read_rgb
+from utils.runtime import Runtime, RuntimeOutput
+from utils.scoring import GroupScorer, Strategy, register
+
+__all__ = ["Reference", "memory_of"]
+
+
+def memory_of(paths: list[Path], runtime: Runtime, image_size: int,
+              batch_size: int = 8) -> list[torch.Tensor]:
+    """The few-shot memory of normal reference images: per tapped layer, their normalized patch
+    tokens [K*L, W] on the model's device. An unreadable reference is an error (it would
+    silently weaken the memory)."""
+    transform, images = image_transform(image_size), []
+    for path in paths:
+        try:
+            images.append(transform(read_rgb(path)))  # [3, S, S]
+        except Exception as e:
+            raise UsageError(f"reference image {path}: cannot read it ({type(e).__name__}: {e})")
+    batches = [runtime(torch.stack(images[start:start + batch_size])).features.patch_tokens
+               for start in range(0, len(images), batch_size)]  # per batch, per layer [b, L, W]
+    with torch.inference_mode():
+        return reference_memory([torch.cat(layer) for layer in zip(*batches)])
+
+
+class _ReferenceMaps:
+    """Each batch's rows scored against the group's memory as they arrive."""
+
+    def __init__(self, memory: list[torch.Tensor], size: int):
+        self.memory, self.size, self.maps = memory, size, []
+
+    def add(self, output: RuntimeOutput, rows: list[int]) -> None:
+        tokens = [t[rows] for t in output.features.patch_tokens]  # per layer [b, L, W]
+        with torch.inference_mode():
+            scores = reference_score(tokens, self.memory)  # [b, L]
+            self.maps.append(score_map(scores, self.size).cpu().numpy())  # [b, S, S]
+
+    def patch_maps(self) -> np.ndarray:
+        return np.concatenate(self.maps)
+
+
+@register
+class Reference(Strategy):
+    """1 - the best cosine of a patch to the reference memory, averaged over the tapped layers."""
+
+    name = "reference"
+    needs_references = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._paths, self._memory = None, None  # the current memory and its references
+
+    def prepare(self) -> None:
+        if isinstance(self.context.references, list):
+            self._memory_for(self.context.references)
+
+    def group(self, name: str) -> GroupScorer:
+        refs = self.context.references
+        memory = self._memory_for(refs if isinstance(refs, list) else refs(name))
+        return _ReferenceMaps(memory, self.context.image_size)
+
+    def _memory_for(self, paths: list[Path]) -> list[torch.Tensor]:
+        if paths != self._paths:
+            c = self.context
+            self._memory = memory_of(paths, c.runtime, c.image_size, c.batch_size)
+            self._paths = paths
+        return self._memory
+
+    def describe(self) -> dict:
+        return {"fusion": self.fusion}
