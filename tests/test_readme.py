@@ -1,4 +1,5 @@
-"""The README's commands are the ones that exist: no drift between docs, scripts, Makefile and CI."""
+"""The commands of the README and of docs/ are the ones that exist, and their links lead somewhere:
+no drift between docs, scripts, Makefile and CI."""
 import re
 import shlex
 import subprocess
@@ -10,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+MANUAL = [ROOT / "README.md"] + DOCS  # every page whose commands and links are checked
+# Written in parallel with this test; links to them may point nowhere until they land.
+MISSING_ALLOWED = {"docs/reproduction.md", "docs/weights.md"}
 
 
 def shell_lines(text: str) -> list[str]:
@@ -40,7 +45,8 @@ def help_text(script: str) -> str:
 
 
 SHELL_FILES = ["test.sh", "train.sh", "demo.sh"]
-CALLS = sorted(set((s, tuple(f)) for s, f in script_calls(shell_lines(README))) |
+CALLS = sorted(set((s, tuple(f)) for page in MANUAL
+                   for s, f in script_calls(shell_lines(page.read_text()))) |
                set((s, tuple(f)) for name in SHELL_FILES if (ROOT / name).exists()
                    for s, f in script_calls(shell_lines("```bash\n" + (ROOT / name).read_text()
                                                         + "```"))))
@@ -71,3 +77,65 @@ def test_every_flag_in_readme_and_shell_scripts_exists(script, flags):
 def test_shell_scripts_exist_and_are_referenced():
     for name in ("test.sh", "train.sh"):
         assert (ROOT / name).exists() and f"bash {name}" in README
+
+
+def test_the_readme_links_every_docs_page():
+    linked = {target.split("#")[0] for _, target in markdown_links(README)}
+    assert DOCS and not [d.name for d in DOCS if f"docs/{d.name}" not in linked]
+
+
+def outside_code(text: str) -> str:
+    """The text without fenced blocks and inline code spans (links there are not links)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def markdown_links(text: str) -> list[tuple[str, str]]:
+    """(text, target) of every inline link and image outside code."""
+    return re.findall(r"!?\[([^\]]*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", outside_code(text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: links reduced to their text, lower-case, every character
+    but letters, digits, '_', '-' and spaces dropped, spaces to '-'."""
+    heading = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.sub(r"^```.*?^```", "", text,
+                                                                      flags=re.S | re.M),
+                              flags=re.M):
+        s = slug(heading)
+        out.add(f"{s}-{seen[s]}" if s in seen else s)
+        seen[s] = seen.get(s, 0) + 1
+    return out
+
+
+def test_slug_follows_githubs_rules():
+    assert slug("The inspection page: `app.py`") == "the-inspection-page-apppy"
+    assert slug("Export to ONNX and deploy: `export.py`, `predict.py --onnx`") == \
+        "export-to-onnx-and-deploy-exportpy-predictpy---onnx"
+    assert slug("Resume: a run that stops is not lost *(ours)*") == \
+        "resume-a-run-that-stops-is-not-lost-ours"
+    assert anchors("# A\n## A\n```bash\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+@pytest.mark.parametrize("page", MANUAL, ids=[p.relative_to(ROOT).as_posix() for p in MANUAL])
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for _, target in markdown_links(page.read_text()):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, flags=re.I):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        name = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
+        if not file.exists():
+            if name not in MISSING_ALLOWED:
+                broken.append(f"{target}: no file {name}")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+            broken.append(f"{target}: no heading #{anchor} in {name}")
+    assert not broken, broken
