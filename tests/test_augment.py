@@ -3,9 +3,10 @@
 import cv2
 import numpy as np
 import pytest
+from scipy.stats import chisquare
 
 from utils.augment import (Augment, box_blur, brightness_contrast, build_augment, color_jitter,
-                           gauss_noise, gaussian_blur, rot90, rotate)
+                           gauss_noise, gaussian_blur, gaussian_ksize, rot90, rotate)
 
 GEOMETRIC_ONLY = dict(p_brightness_contrast=0.0, p_noise=0.0, p_one_of=0.0)
 PHOTOMETRIC_ONLY = dict(p_rotate=0.0, p_rot90=0.0)
@@ -183,3 +184,65 @@ def test_blurs_and_jitter():
     assert np.array_equal(color_jitter(img, 1.0, 1.0, 1.0, 0.0), img)
     out = color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[3, 2, 1, 0])
     assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+
+
+def _pixels(*rgb):
+    """An RGB uint8 image [1,N,3] of the given pixels."""
+    return np.array([rgb], dtype=np.uint8)
+
+
+def test_gauss_noise_adds_in_float64():
+    img = np.full((1, 5, 3), 100, np.uint8)
+    noise = np.array([1 - 1e-9, -1e-9, 0.5, 200.0, -200.0])[None, :, None].repeat(3, axis=2)
+    # In float32, 100 + (1 - 1e-9) and 100 - 1e-9 would round to 101 and 100 before truncation.
+    assert gauss_noise(img, noise)[0, :, 0].tolist() == [100, 99, 100, 255, 0]
+
+
+def test_gaussian_ksize_maps_even_draws_to_the_next_odd_size():
+    class Fixed:  # a generator whose integer draw is fixed; records the bounds asked for
+        def __init__(self, value):
+            self.value, self.bounds = value, None
+
+        def integers(self, low, high):
+            self.bounds = (low, high)
+            return self.value
+
+    sizes = []
+    for value in range(3, 8):  # the five equally likely draws: exact counts 1 / 2 / 2
+        rng = Fixed(value)
+        sizes.append(gaussian_ksize(rng))
+        assert rng.bounds == (3, 8)
+    assert sizes == [3, 5, 5, 7, 7]
+    with pytest.raises(ValueError, match="odd"):
+        Augment(gaussian_blur_limit=(3, 8))
+
+
+def test_gaussian_ksize_frequencies():
+    draws = [gaussian_ksize(np.random.default_rng(seed)) for seed in range(20000)]
+    counts = [draws.count(k) for k in (3, 5, 7)]
+    assert chisquare(counts, [4000, 8000, 8000]).pvalue > 1e-3
+    assert chisquare(counts).pvalue < 1e-20  # a uniform draw over the three sizes is ruled out
+
+
+def test_one_of_draw_sequence():
+    """The per-sample generator's draws, in order: five step coins, the OneOf choice, the inner
+    coin, then the chosen transform's parameters (a resumed run repeats them)."""
+    img, mask = _textured(24, 28), np.zeros((24, 28), np.uint8)
+    aug = Augment(p_one_of=1.0, p_brightness_contrast=0, p_noise=0, **PHOTOMETRIC_ONLY)
+    chosen = set()
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        [rng.random() for _ in range(5)]
+        choice = int(rng.integers(0, 3))
+        rng.random()
+        if choice == 0:
+            expected = box_blur(img, 3)
+        elif choice == 1:
+            factors = rng.uniform(0.8, 1.2, size=3)
+            hue = rng.uniform(-0.2, 0.2)
+            expected = color_jitter(img, *factors.tolist(), hue, rng.permutation(4).tolist())
+        else:
+            expected = gaussian_blur(img, gaussian_ksize(rng))
+        chosen.add(choice)
+        assert np.array_equal(aug(img, mask, seed)[0], expected)
+    assert chosen == {0, 1, 2}

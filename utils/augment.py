@@ -1,6 +1,6 @@
-"""Training-time augmentation of an image and its mask together (SPEC §7).
+"""Training-time augmentation of an image and its mask together (docs/reproduction.md §7).
 
-The reference composed albumentations 1.x transforms with their default arguments::
+The reference composed albumentations 1.3.1 transforms with their default arguments::
 
     Rotate(limit=30, p=0.5)                 geometric  (image + mask)
     RandomRotate90(p=0.5)                   geometric  (image + mask)
@@ -19,10 +19,10 @@ albumentations-1.x semantics where they are observable:
   albumentations draws ``k`` in 0..3, so when this step fires it is a no-op one time in four;
   non-square images swap height and width (image and mask together).
 * ``RandomBrightnessContrast``: alpha = 1 + U(-0.2, 0.2), beta = U(-0.2, 0.2);
-  ``out = clip(img * alpha + beta * 255, 0, 255)`` truncated to uint8 (albumentations builds a
-  float look-up table and casts it with ``astype(uint8)``, i.e. truncation, not rounding).
+  ``out = clip(img * alpha + beta * 255, 0, 255)`` in float32, truncated to uint8 (a look-up
+  table cast with ``astype(uint8)``, i.e. truncation, not rounding).
 * ``GaussNoise``: one variance ~ U(10, 50) per image, sigma = sqrt(var), independent N(0, sigma)
-  noise per pixel and per channel, ``clip(img + noise, 0, 255)`` truncated to uint8.
+  float64 noise per pixel and per channel, ``clip(img + noise, 0, 255)`` in float64, truncated.
 * ``OneOf``: fires with p 0.5, then picks one of the three uniformly (the inner p's are equal, so
   they only act as equal selection weights) and **always applies it**: albumentations 1.x calls
   the chosen transform with ``force_apply=True``. ``inner_p`` reproduces a literal reading
@@ -32,8 +32,9 @@ albumentations-1.x semantics where they are observable:
   - colour jitter: brightness, contrast, saturation factors ~ U(0.8, 1.2), hue shift ~ U(-0.2, 0.2),
     applied in a random order (as albumentations and torchvision do) with torchvision's uint8
     tensor functionals;
-  - Gaussian blur: kernel size uniform in {3, 5, 7}, sigma 0 (OpenCV derives it from the size:
-    0.3 * ((k - 1) / 2 - 1) + 0.8).
+  - Gaussian blur: an integer drawn uniformly from 3..7, an even one raised to the next odd size,
+    so 3 / 5 / 7 come with probabilities 0.2 / 0.4 / 0.4; sigma 0 (OpenCV derives it from the
+    size: 0.3 * ((k - 1) / 2 - 1) + 0.8).
 
 Photometric steps touch only the image; geometric steps move image and mask together. Every random
 draw comes from an explicit ``numpy.random.Generator`` passed to ``__call__``, so a seed fixes the
@@ -51,14 +52,15 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "Augment",
-    "build_augment",
-    "rotate",
-    "rot90",
-    "brightness_contrast",
-    "gauss_noise",
     "box_blur",
-    "gaussian_blur",
+    "brightness_contrast",
+    "build_augment",
     "color_jitter",
+    "gauss_noise",
+    "gaussian_blur",
+    "gaussian_ksize",
+    "rot90",
+    "rotate",
 ]
 
 
@@ -98,14 +100,21 @@ def brightness_contrast(image: np.ndarray, alpha: float, beta: float) -> np.ndar
 
 
 def gauss_noise(image: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Add a float noise array of the image's shape; clip to [0, 255] and truncate to uint8."""
-    out = image.astype(np.float32) + noise
+    """Add a noise array of the image's shape in float64; clip to [0, 255], truncate to uint8."""
+    out = image.astype(np.float64) + np.asarray(noise, dtype=np.float64)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def box_blur(image: np.ndarray, ksize: int = 3) -> np.ndarray:
     """Mean filter with a ``ksize`` x ``ksize`` kernel (``cv2.blur``, reflect-101 border)."""
     return _keep_channels(image, cv2.blur(image, (ksize, ksize)))
+
+
+def gaussian_ksize(rng: np.random.Generator, limit: tuple[int, int] = (3, 7)) -> int:
+    """Gaussian-blur kernel size: one integer uniform in ``limit`` (both ends odd, included), an
+    even one raised by 1; for (3, 7) the sizes 3 / 5 / 7 come with probabilities 0.2 / 0.4 / 0.4."""
+    k = int(rng.integers(limit[0], limit[1] + 1))
+    return k if k % 2 else k + 1
 
 
 def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
@@ -153,7 +162,7 @@ def _keep_channels(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Augment:
-    """SPEC §7 training augmentation; ``augment(image, mask, rng) -> (image, mask)``.
+    """The training augmentation (docs/reproduction.md §7): ``augment(image, mask, rng)``.
 
     ``image``: uint8 RGB [H,W,3]; ``mask``: uint8 [H,W] with values {0,255} (same H, W).
     Returns new arrays of the same dtypes (H and W swap after an odd quarter turn).
@@ -173,7 +182,13 @@ class Augment:
     inner_p: float = 1.0  # albumentations' OneOf force-applies the chosen transform
     box_blur_ksize: int = 3
     jitter: float = 0.2  # brightness, contrast, saturation and hue limits of the colour jitter
-    gaussian_blur_ksizes: tuple[int, ...] = (3, 5, 7)
+    gaussian_blur_limit: tuple[int, int] = (3, 7)  # smallest and largest kernel size, odd
+
+    def __post_init__(self):
+        lo, hi = self.gaussian_blur_limit
+        if lo % 2 != 1 or hi % 2 != 1 or lo > hi:
+            raise ValueError("Gaussian blur kernel sizes must be odd and ordered (smallest, "
+                             f"largest), got {self.gaussian_blur_limit}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray,
                  rng: np.random.Generator | int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +210,7 @@ class Augment:
             image = brightness_contrast(image, alpha, beta)
         if rng.random() < self.p_noise:
             var = rng.uniform(self.noise_var[0], self.noise_var[1])
-            noise = rng.normal(0.0, np.sqrt(var), size=image.shape).astype(np.float32)
+            noise = rng.normal(0.0, np.sqrt(var), size=image.shape)  # float64
             image = gauss_noise(image, noise)
         if rng.random() < self.p_one_of:
             choice = int(rng.integers(0, 3))
@@ -210,13 +225,13 @@ class Augment:
                     image = color_jitter(image, float(factors[0]), float(factors[1]),
                                          float(factors[2]), float(hue), order)
                 else:
-                    ksize = int(rng.choice(self.gaussian_blur_ksizes))
-                    image = gaussian_blur(image, ksize)
+                    image = gaussian_blur(image, gaussian_ksize(rng, self.gaussian_blur_limit))
         return image, mask
 
 
 def build_augment(**overrides) -> Augment:
-    """The reference's training augmentation (SPEC §7); keyword overrides change single settings."""
+    """The reference's training augmentation (docs/reproduction.md §7); keyword overrides change
+    single settings."""
     return Augment(**overrides)
 
 
