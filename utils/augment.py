@@ -8,8 +8,9 @@ The reference composed albumentations 1.3.1 transforms with their default argume
     GaussNoise(p=0.5)                       photometric
     OneOf([Blur(blur_limit=3, p=0.5), ColorJitter(p=0.5), GaussianBlur(p=0.5)], p=0.5)
 
-This module re-implements that pipeline with OpenCV / torchvision operations *(ours)*, keeping
-albumentations-1.x semantics where they are observable:
+This module re-implements that pipeline with OpenCV / NumPy operations *(ours)*; for given
+parameters every step computes albumentations 1.3.1's pixels, and every parameter is drawn from
+the same distribution:
 
 * ``Rotate``: angle ~ U(-30, 30) degrees (positive = counter-clockwise, OpenCV convention) about
   the pixel-grid centre ((W-1)/2, (H-1)/2), output size unchanged; image with bilinear
@@ -30,8 +31,8 @@ albumentations-1.x semantics where they are observable:
 
   - box blur: ``cv2.blur`` with a 3x3 kernel;
   - colour jitter: brightness, contrast, saturation factors ~ U(0.8, 1.2), hue shift ~ U(-0.2, 0.2),
-    applied in a random order (as albumentations and torchvision do) with torchvision's uint8
-    tensor functionals;
+    the four operations in a random order, each with OpenCV arithmetic on uint8 (see
+    ``color_jitter``);
   - Gaussian blur: an integer drawn uniformly from 3..7, an even one raised to the next odd size,
     so 3 / 5 / 7 come with probabilities 0.2 / 0.4 / 0.4; sigma 0 (OpenCV derives it from the
     size: 0.3 * ((k - 1) / 2 - 1) + 0.8).
@@ -47,11 +48,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "Augment",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
     "box_blur",
     "brightness_contrast",
     "build_augment",
@@ -126,27 +129,74 @@ def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
 
 def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float,
                  hue: float, order: tuple[int, ...] | list[int] = (0, 1, 2, 3)) -> np.ndarray:
-    """Colour jitter of an RGB uint8 image [H,W,3] with torchvision's functionals.
+    """Colour jitter of an RGB uint8 image [H,W,3] -> [H,W,3] uint8, with OpenCV arithmetic.
 
     ``brightness``/``contrast``/``saturation`` are multiplicative factors (1 = unchanged), ``hue``
-    a shift in [-0.5, 0.5] of the hue circle; ``order`` lists the four operations
+    a shift in [-0.5, 0.5] of the hue circle (0 = unchanged); ``order`` lists the four operations
     (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order they are applied.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"color_jitter needs an RGB image [H,W,3], got shape {image.shape}")
-    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3,H,W]
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    params = (brightness, contrast, saturation, hue)
     for op in order:
-        if op == 0:
-            t = TF.adjust_brightness(t, brightness)
-        elif op == 1:
-            t = TF.adjust_contrast(t, contrast)
-        elif op == 2:
-            t = TF.adjust_saturation(t, saturation)
-        elif op == 3:
-            t = TF.adjust_hue(t, hue)
-        else:
+        if op not in range(4):
             raise ValueError(f"color_jitter: unknown operation index {op}")
-    return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+        image = ops[op](image, params[op])
+    return image
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: ``img * factor`` in float64, clipped to [0, 255], truncated."""
+    if factor == 1:
+        return image
+    return _apply_lut(image, np.arange(256) * factor)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: blend with the mean ``m`` of OpenCV's grey image.
+
+    ``img * factor + m * (1 - factor)`` in float64, clipped, truncated; factor 0 gives the
+    constant image ``floor(m + 0.5)``.
+    """
+    if factor == 1:
+        return image
+    mean = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).mean()
+    if factor == 0:
+        return np.full_like(image, int(mean + 0.5))
+    return _apply_lut(image, np.arange(256) * factor + mean * (1 - factor))
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: ``cv2.addWeighted(img, factor, grey, 1 - factor, 0)``.
+
+    ``grey`` is OpenCV's grey image repeated over the three channels (its rounded
+    0.299 R + 0.587 G + 0.114 B); ``addWeighted`` rounds to the nearest value and saturates.
+    """
+    if factor == 1:
+        return image
+    grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(image, factor, grey, 1 - factor, 0)
+
+
+def adjust_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: rotate the hue of OpenCV's uint8 HSV image by ``shift`` turns.
+
+    OpenCV stores the hue in 180 bins of 2 degrees; the shifted bin is
+    ``floor(mod(H + 180 * shift, 180))``, so a shift under one bin leaves the hue unchanged when it
+    is positive and lowers it by one bin when it is negative.
+    """
+    if shift == 0:
+        return image
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    lut = np.mod(np.arange(256) + 180 * shift, 180).astype(np.uint8)
+    hsv[..., 0] = lut[hsv[..., 0]]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def _apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    # A float table of 256 values, clipped to [0, 255] and truncated (astype), indexed by the image.
+    return np.clip(lut, 0, 255).astype(np.uint8)[image]
 
 
 def _keep_channels(src: np.ndarray, out: np.ndarray) -> np.ndarray:
