@@ -3,9 +3,11 @@
 import cv2
 import numpy as np
 import pytest
+from scipy.stats import chisquare
 
-from utils.augment import (Augment, box_blur, brightness_contrast, build_augment, color_jitter,
-                           gauss_noise, gaussian_blur, rot90, rotate)
+from utils.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
+                           adjust_saturation, box_blur, brightness_contrast, build_augment,
+                           color_jitter, gauss_noise, gaussian_blur, gaussian_ksize, rot90, rotate)
 
 GEOMETRIC_ONLY = dict(p_brightness_contrast=0.0, p_noise=0.0, p_one_of=0.0)
 PHOTOMETRIC_ONLY = dict(p_rotate=0.0, p_rot90=0.0)
@@ -183,3 +185,120 @@ def test_blurs_and_jitter():
     assert np.array_equal(color_jitter(img, 1.0, 1.0, 1.0, 0.0), img)
     out = color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[3, 2, 1, 0])
     assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+
+
+def _pixels(*rgb):
+    """An RGB uint8 image [1,N,3] of the given pixels."""
+    return np.array([rgb], dtype=np.uint8)
+
+
+def test_gauss_noise_adds_in_float64():
+    img = np.full((1, 5, 3), 100, np.uint8)
+    noise = np.array([1 - 1e-9, -1e-9, 0.5, 200.0, -200.0])[None, :, None].repeat(3, axis=2)
+    # In float32, 100 + (1 - 1e-9) and 100 - 1e-9 would round to 101 and 100 before truncation.
+    assert gauss_noise(img, noise)[0, :, 0].tolist() == [100, 99, 100, 255, 0]
+
+
+def test_gaussian_ksize_maps_even_draws_to_the_next_odd_size():
+    class Fixed:  # a generator whose integer draw is fixed; records the bounds asked for
+        def __init__(self, value):
+            self.value, self.bounds = value, None
+
+        def integers(self, low, high):
+            self.bounds = (low, high)
+            return self.value
+
+    sizes = []
+    for value in range(3, 8):  # the five equally likely draws: exact counts 1 / 2 / 2
+        rng = Fixed(value)
+        sizes.append(gaussian_ksize(rng))
+        assert rng.bounds == (3, 8)
+    assert sizes == [3, 5, 5, 7, 7]
+    with pytest.raises(ValueError, match="odd"):
+        Augment(gaussian_blur_limit=(3, 8))
+
+
+def test_gaussian_ksize_frequencies():
+    draws = [gaussian_ksize(np.random.default_rng(seed)) for seed in range(20000)]
+    counts = [draws.count(k) for k in (3, 5, 7)]
+    assert chisquare(counts, [4000, 8000, 8000]).pvalue > 1e-3
+    assert chisquare(counts).pvalue < 1e-20  # a uniform draw over the three sizes is ruled out
+
+
+def test_grey_is_opencv_rounded():
+    # Saturation 0 returns the grey image: round(0.299 R + 0.587 G + 0.114 B) in OpenCV's
+    # fixed point (19596 R + 38470 G + 7470 B + 2^15) >> 16.
+    img = _pixels((0, 12, 4), (0, 0, 250), (50, 0, 0), (100, 100, 0))
+    grey = adjust_saturation(img, 0.0)
+    assert np.array_equal(grey[..., 0], grey[..., 2]) and np.array_equal(grey[..., 1], grey[..., 2])
+    # 7.5 -> 8; 28.5 -> 28 (the fixed point puts it just under .5); 14.95 -> 15 (not floored to
+    # 14); 88.6 -> 89.
+    assert grey[0, :, 0].tolist() == [8, 28, 15, 89]
+    rgb = np.random.default_rng(0).integers(0, 256, size=(1, 100000, 3)).astype(np.uint8)
+    r, g, b = (rgb[0, :, i].astype(np.int64) for i in range(3))
+    fixed = (19596 * r + 38470 * g + 7470 * b + 2 ** 15) >> 16
+    assert np.array_equal(adjust_saturation(rgb, 0.0)[0, :, 0], fixed)
+
+
+def test_saturation_blend_rounds_and_saturates():
+    img = _pixels((200, 100, 50), (101, 0, 0))  # greys 124 (124.2) and 30 (30.199)
+    # 1.1 * 200 - 0.1 * 124 = 207.6 -> 208 (rounded, not truncated); 0 - 0.1 * 30 -> 0.
+    assert adjust_saturation(img, 1.1).tolist() == [[[208, 98, 43], [108, 0, 0]]]
+    assert adjust_saturation(img, 0.9).tolist() == [[[192, 102, 57], [94, 3, 3]]]
+
+
+def test_hue_shift_in_2_degree_bins():
+    img = _pixels((200, 0, 0))  # OpenCV HSV (0, 255, 200); one bin (2 degrees) adds 200/30 to G
+    assert adjust_hue(img, 0.004).tolist() == [[[200, 0, 0]]]  # +0.72 bin: floored, unchanged
+    assert adjust_hue(img, 0.006).tolist() == [[[200, 7, 0]]]  # +1.08 bins: one bin
+    assert adjust_hue(img, 0.02).tolist() == [[[200, 20, 0]]]  # +3.6 bins: three bins
+    assert adjust_hue(img, -0.004).tolist() == [[[200, 0, 7]]]  # -0.72 bin: down one bin (179)
+    assert adjust_hue(img, -0.006).tolist() == [[[200, 0, 13]]]  # -1.08 bins: down two (178)
+    assert adjust_hue(img, 0.0) is img  # no shift: no HSV round trip
+
+
+def test_brightness_and_contrast_truncate_in_float64():
+    # float64 products, truncated: 1.05 * 60 = 63 (in float32 62.999996 -> 62), 1.05 * 101 =
+    # 106.05 -> 106, 1.15 * 100 = 114.99999999999999 -> 114 (in float32 115), 1.15 * 250 -> 255.
+    assert adjust_brightness(_pixels((60, 101, 0)), 1.05).tolist() == [[[63, 106, 0]]]
+    assert adjust_brightness(_pixels((100, 10, 250)), 1.15).tolist() == [[[114, 11, 255]]]
+    assert adjust_brightness(_pixels((10, 101, 250)), 0.9).tolist() == [[[9, 90, 225]]]
+    img = _pixels((50, 0, 0), (0, 12, 4))  # greys 15 and 8: mean 11.5
+    # 0.8 * v + 0.2 * 11.5: 42.3 -> 42, 2.3 -> 2, 11.9 -> 11, 5.5 -> 5.
+    assert adjust_contrast(img, 0.8).tolist() == [[[42, 2, 2], [2, 11, 5]]]
+    assert (adjust_contrast(img, 0.0) == 12).all()  # factor 0: the mean rounded half up
+
+
+def test_color_jitter_applies_the_four_operations_in_order():
+    img = _textured(20, 24)
+    out = color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[3, 2, 1, 0])
+    by_hand = adjust_brightness(adjust_contrast(adjust_saturation(adjust_hue(img, 0.1), 1.2), 0.9),
+                                1.1)
+    assert np.array_equal(out, by_hand)
+    assert not np.array_equal(out, color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="operation"):
+        color_jitter(img, 1.1, 0.9, 1.2, 0.1, order=[0, 4])
+
+
+def test_one_of_draw_sequence():
+    """The per-sample generator's draws, in order: five step coins, the OneOf choice, the inner
+    coin, then the chosen transform's parameters (a resumed run repeats them)."""
+    img, mask = _textured(24, 28), np.zeros((24, 28), np.uint8)
+    aug = Augment(p_one_of=1.0, p_brightness_contrast=0, p_noise=0, **PHOTOMETRIC_ONLY)
+    chosen = set()
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        [rng.random() for _ in range(5)]
+        choice = int(rng.integers(0, 3))
+        rng.random()
+        if choice == 0:
+            expected = box_blur(img, 3)
+        elif choice == 1:
+            factors = rng.uniform(0.8, 1.2, size=3)
+            hue = rng.uniform(-0.2, 0.2)
+            expected = color_jitter(img, *factors.tolist(), hue, rng.permutation(4).tolist())
+        else:
+            expected = gaussian_blur(img, gaussian_ksize(rng))
+        chosen.add(choice)
+        assert np.array_equal(aug(img, mask, seed)[0], expected)
+    assert chosen == {0, 1, 2}

@@ -1,6 +1,6 @@
 """Training-time augmentation of an image and its mask together (docs/reproduction.md §7).
 
-The reference composed albumentations 1.x transforms with their default arguments::
+The reference composed albumentations 1.3.1 transforms with their default arguments::
 
     Rotate(limit=30, p=0.5)                 geometric  (image + mask)
     RandomRotate90(p=0.5)                   geometric  (image + mask)
@@ -8,8 +8,9 @@ The reference composed albumentations 1.x transforms with their default argument
     GaussNoise(p=0.5)                       photometric
     OneOf([Blur(blur_limit=3, p=0.5), ColorJitter(p=0.5), GaussianBlur(p=0.5)], p=0.5)
 
-This module re-implements that pipeline with OpenCV / torchvision operations *(ours)*, keeping
-albumentations-1.x semantics where they are observable:
+This module re-implements that pipeline with OpenCV / NumPy operations *(ours)*; for given
+parameters every step computes albumentations 1.3.1's pixels, and every parameter is drawn from
+the same distribution:
 
 * ``Rotate``: angle ~ U(-30, 30) degrees (positive = counter-clockwise, OpenCV convention) about
   the pixel-grid centre ((W-1)/2, (H-1)/2), output size unchanged; image with bilinear
@@ -19,10 +20,10 @@ albumentations-1.x semantics where they are observable:
   albumentations draws ``k`` in 0..3, so when this step fires it is a no-op one time in four;
   non-square images swap height and width (image and mask together).
 * ``RandomBrightnessContrast``: alpha = 1 + U(-0.2, 0.2), beta = U(-0.2, 0.2);
-  ``out = clip(img * alpha + beta * 255, 0, 255)`` truncated to uint8 (albumentations builds a
-  float look-up table and casts it with ``astype(uint8)``, i.e. truncation, not rounding).
+  ``out = clip(img * alpha + beta * 255, 0, 255)`` in float32, truncated to uint8 (a look-up
+  table cast with ``astype(uint8)``, i.e. truncation, not rounding).
 * ``GaussNoise``: one variance ~ U(10, 50) per image, sigma = sqrt(var), independent N(0, sigma)
-  noise per pixel and per channel, ``clip(img + noise, 0, 255)`` truncated to uint8.
+  float64 noise per pixel and per channel, ``clip(img + noise, 0, 255)`` in float64, truncated.
 * ``OneOf``: fires with p 0.5, then picks one of the three uniformly (the inner p's are equal, so
   they only act as equal selection weights) and **always applies it**: albumentations 1.x calls
   the chosen transform with ``force_apply=True``. ``inner_p`` reproduces a literal reading
@@ -30,10 +31,11 @@ albumentations-1.x semantics where they are observable:
 
   - box blur: ``cv2.blur`` with a 3x3 kernel;
   - colour jitter: brightness, contrast, saturation factors ~ U(0.8, 1.2), hue shift ~ U(-0.2, 0.2),
-    applied in a random order (as albumentations and torchvision do) with torchvision's uint8
-    tensor functionals;
-  - Gaussian blur: kernel size uniform in {3, 5, 7}, sigma 0 (OpenCV derives it from the size:
-    0.3 * ((k - 1) / 2 - 1) + 0.8).
+    the four operations in a random order, each with OpenCV arithmetic on uint8 (see
+    ``color_jitter``);
+  - Gaussian blur: an integer drawn uniformly from 3..7, an even one raised to the next odd size,
+    so 3 / 5 / 7 come with probabilities 0.2 / 0.4 / 0.4; sigma 0 (OpenCV derives it from the
+    size: 0.3 * ((k - 1) / 2 - 1) + 0.8).
 
 Photometric steps touch only the image; geometric steps move image and mask together. Every random
 draw comes from an explicit ``numpy.random.Generator`` passed to ``__call__``, so a seed fixes the
@@ -46,19 +48,22 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "Augment",
-    "build_augment",
-    "rotate",
-    "rot90",
-    "brightness_contrast",
-    "gauss_noise",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
     "box_blur",
-    "gaussian_blur",
+    "brightness_contrast",
+    "build_augment",
     "color_jitter",
+    "gauss_noise",
+    "gaussian_blur",
+    "gaussian_ksize",
+    "rot90",
+    "rotate",
 ]
 
 
@@ -98,14 +103,21 @@ def brightness_contrast(image: np.ndarray, alpha: float, beta: float) -> np.ndar
 
 
 def gauss_noise(image: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Add a float noise array of the image's shape; clip to [0, 255] and truncate to uint8."""
-    out = image.astype(np.float32) + noise
+    """Add a noise array of the image's shape in float64; clip to [0, 255], truncate to uint8."""
+    out = image.astype(np.float64) + np.asarray(noise, dtype=np.float64)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def box_blur(image: np.ndarray, ksize: int = 3) -> np.ndarray:
     """Mean filter with a ``ksize`` x ``ksize`` kernel (``cv2.blur``, reflect-101 border)."""
     return _keep_channels(image, cv2.blur(image, (ksize, ksize)))
+
+
+def gaussian_ksize(rng: np.random.Generator, limit: tuple[int, int] = (3, 7)) -> int:
+    """Gaussian-blur kernel size: one integer uniform in ``limit`` (both ends odd, included), an
+    even one raised by 1; for (3, 7) the sizes 3 / 5 / 7 come with probabilities 0.2 / 0.4 / 0.4."""
+    k = int(rng.integers(limit[0], limit[1] + 1))
+    return k if k % 2 else k + 1
 
 
 def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
@@ -117,27 +129,74 @@ def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
 
 def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float,
                  hue: float, order: tuple[int, ...] | list[int] = (0, 1, 2, 3)) -> np.ndarray:
-    """Colour jitter of an RGB uint8 image [H,W,3] with torchvision's functionals.
+    """Colour jitter of an RGB uint8 image [H,W,3] -> [H,W,3] uint8, with OpenCV arithmetic.
 
     ``brightness``/``contrast``/``saturation`` are multiplicative factors (1 = unchanged), ``hue``
-    a shift in [-0.5, 0.5] of the hue circle; ``order`` lists the four operations
+    a shift in [-0.5, 0.5] of the hue circle (0 = unchanged); ``order`` lists the four operations
     (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order they are applied.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"color_jitter needs an RGB image [H,W,3], got shape {image.shape}")
-    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3,H,W]
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    params = (brightness, contrast, saturation, hue)
     for op in order:
-        if op == 0:
-            t = TF.adjust_brightness(t, brightness)
-        elif op == 1:
-            t = TF.adjust_contrast(t, contrast)
-        elif op == 2:
-            t = TF.adjust_saturation(t, saturation)
-        elif op == 3:
-            t = TF.adjust_hue(t, hue)
-        else:
+        if op not in range(4):
             raise ValueError(f"color_jitter: unknown operation index {op}")
-    return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+        image = ops[op](image, params[op])
+    return image
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: ``img * factor`` in float64, clipped to [0, 255], truncated."""
+    if factor == 1:
+        return image
+    return _apply_lut(image, np.arange(256) * factor)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: blend with the mean ``m`` of OpenCV's grey image.
+
+    ``img * factor + m * (1 - factor)`` in float64, clipped, truncated; factor 0 gives the
+    constant image ``floor(m + 0.5)``.
+    """
+    if factor == 1:
+        return image
+    mean = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).mean()
+    if factor == 0:
+        return np.full_like(image, int(mean + 0.5))
+    return _apply_lut(image, np.arange(256) * factor + mean * (1 - factor))
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: ``cv2.addWeighted(img, factor, grey, 1 - factor, 0)``.
+
+    ``grey`` is OpenCV's grey image repeated over the three channels (its rounded
+    0.299 R + 0.587 G + 0.114 B); ``addWeighted`` rounds to the nearest value and saturates.
+    """
+    if factor == 1:
+        return image
+    grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(image, factor, grey, 1 - factor, 0)
+
+
+def adjust_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8: rotate the hue of OpenCV's uint8 HSV image by ``shift`` turns.
+
+    OpenCV stores the hue in 180 bins of 2 degrees; the shifted bin is
+    ``floor(mod(H + 180 * shift, 180))``, so a shift under one bin leaves the hue unchanged when it
+    is positive and lowers it by one bin when it is negative.
+    """
+    if shift == 0:
+        return image
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    lut = np.mod(np.arange(256) + 180 * shift, 180).astype(np.uint8)
+    hsv[..., 0] = lut[hsv[..., 0]]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def _apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    # A float table of 256 values, clipped to [0, 255] and truncated (astype), indexed by the image.
+    return np.clip(lut, 0, 255).astype(np.uint8)[image]
 
 
 def _keep_channels(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -153,7 +212,7 @@ def _keep_channels(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Augment:
-    """docs/reproduction.md §7 training augmentation; ``augment(image, mask, rng) -> (image, mask)``.
+    """The training augmentation (docs/reproduction.md §7): ``augment(image, mask, rng)``.
 
     ``image``: uint8 RGB [H,W,3]; ``mask``: uint8 [H,W] with values {0,255} (same H, W).
     Returns new arrays of the same dtypes (H and W swap after an odd quarter turn).
@@ -173,7 +232,13 @@ class Augment:
     inner_p: float = 1.0  # albumentations' OneOf force-applies the chosen transform
     box_blur_ksize: int = 3
     jitter: float = 0.2  # brightness, contrast, saturation and hue limits of the colour jitter
-    gaussian_blur_ksizes: tuple[int, ...] = (3, 5, 7)
+    gaussian_blur_limit: tuple[int, int] = (3, 7)  # smallest and largest kernel size, odd
+
+    def __post_init__(self):
+        lo, hi = self.gaussian_blur_limit
+        if lo % 2 != 1 or hi % 2 != 1 or lo > hi:
+            raise ValueError("Gaussian blur kernel sizes must be odd and ordered (smallest, "
+                             f"largest), got {self.gaussian_blur_limit}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray,
                  rng: np.random.Generator | int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +260,7 @@ class Augment:
             image = brightness_contrast(image, alpha, beta)
         if rng.random() < self.p_noise:
             var = rng.uniform(self.noise_var[0], self.noise_var[1])
-            noise = rng.normal(0.0, np.sqrt(var), size=image.shape).astype(np.float32)
+            noise = rng.normal(0.0, np.sqrt(var), size=image.shape)  # float64
             image = gauss_noise(image, noise)
         if rng.random() < self.p_one_of:
             choice = int(rng.integers(0, 3))
@@ -210,13 +275,13 @@ class Augment:
                     image = color_jitter(image, float(factors[0]), float(factors[1]),
                                          float(factors[2]), float(hue), order)
                 else:
-                    ksize = int(rng.choice(self.gaussian_blur_ksizes))
-                    image = gaussian_blur(image, ksize)
+                    image = gaussian_blur(image, gaussian_ksize(rng, self.gaussian_blur_limit))
         return image, mask
 
 
 def build_augment(**overrides) -> Augment:
-    """The reference's training augmentation (docs/reproduction.md §7); keyword overrides change single settings."""
+    """The reference's training augmentation (docs/reproduction.md §7); keyword overrides change
+    single settings."""
     return Augment(**overrides)
 
 
