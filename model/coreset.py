@@ -6,8 +6,9 @@ Farthest-point selection: start at the patch farthest from the memory's mean, th
 take the patch farthest from everything taken so far. Distances are Euclidean, measured on a
 random Gaussian projection of the features to ``projection_dim`` dimensions (none when the
 features have no more dimensions than that): distances are nearly kept (Johnson-Lindenstrauss)
-at a fraction of the cost. Memory: the projected features [M, projection_dim] float32 and a few
-[M] vectors (each patch's distance to the nearest patch taken); never an [M, M] matrix.
+at a fraction of the cost. Memory: the projected features [M, projection_dim] float32, a few
+[M] vectors (each patch's distance to the nearest patch taken) and temporaries of at most 2**24
+entries; never an [M, M] matrix.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 __all__ = ["PROJECTION_DIM", "coreset_size", "greedy_coreset"]
 
 PROJECTION_DIM = 128
-_PROJECT_ELEMENTS = 1 << 24  # feature entries projected at a time
+_CHUNK_ELEMENTS = 1 << 24  # entries of a temporary [rows, C] or [rows, D] at a time
 
 
 def coreset_size(m: int, ratio: float) -> int:
@@ -34,11 +35,29 @@ def _project(features: torch.Tensor, seed: int, projection_dim: int) -> torch.Te
         return features.float()
     generator = torch.Generator().manual_seed(seed)
     proj = torch.randn(width, projection_dim, generator=generator).to(features.device)  # [C, D]
-    rows = max(1, _PROJECT_ELEMENTS // width)
+    rows = max(1, _CHUNK_ELEMENTS // width)
     out = torch.empty(m, projection_dim, device=features.device)  # [M, D]
     for start in range(0, m, rows):
         out[start:start + rows] = features[start:start + rows].float() @ proj
     return out
+
+
+def _farthest_points(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x [M,D] float32 -> the indices [m] of farthest-point selection, in the order taken."""
+    rows = max(1, _CHUNK_ELEMENTS // x.shape[1])
+    squared = torch.cat([(part * part).sum(1) for part in x.split(rows)])  # [M] |x|^2
+    nearest = torch.full_like(squared, torch.inf)  # [M] distance^2 to the nearest taken
+    chosen = torch.empty(m, dtype=torch.long, device=x.device)  # [m]
+    index = torch.addmv(squared, x, x.mean(0), alpha=-2.0).argmax()  # farthest from the mean
+    for step in range(m):
+        chosen[step] = index
+        taken = index.view(1)  # [1], a tensor: no wait for the device
+        to_taken = torch.addmv(squared + squared.index_select(0, taken), x,
+                               x.index_select(0, taken)[0], alpha=-2.0)  # [M] distance^2
+        torch.minimum(nearest, to_taken.clamp_min_(0.0), out=nearest)
+        nearest.index_fill_(0, taken, -torch.inf)  # never taken again
+        index = nearest.argmax()
+    return chosen
 
 
 def greedy_coreset(features: torch.Tensor, ratio: float, seed: int = 0,
@@ -47,25 +66,14 @@ def greedy_coreset(features: torch.Tensor, ratio: float, seed: int = 0,
     coreset of ``m = coreset_size(M, ratio)`` patches; ratio 1.0 returns ``arange(M)``.
 
     Ties go to the lowest index; a patch is never taken twice (duplicates of taken patches
-    are taken only once nothing else is left). The projection is the same on any device; the
-    distances are float32 arithmetic, so two devices agree unless two candidates tie to rounding.
+    are taken only once nothing else is left). Each of the m steps reads the projected features
+    once (time O(m M D)). The projection is the same on any device; the distances are float32
+    arithmetic, so two devices agree unless two candidates tie to rounding.
     """
     m_total = features.shape[0]
     m = coreset_size(m_total, ratio)
     if m == m_total:
         return torch.arange(m_total, device=features.device)
-    with torch.autocast(features.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         x = _project(features, seed, projection_dim)  # [M, D]
-        squared = (x * x).sum(1)  # [M]
-        nearest = torch.full_like(squared, torch.inf)  # [M] distance^2 to the nearest taken
-        chosen = torch.empty(m, dtype=torch.long, device=features.device)  # [m]
-        index = ((x - x.mean(0)) ** 2).sum(1).argmax()  # farthest from the mean
-        for step in range(m):
-            chosen[step] = index
-            taken = index.view(1)  # [1], a tensor: no wait for the device
-            to_taken = torch.addmv(squared + squared.index_select(0, taken), x,
-                                   x.index_select(0, taken)[0], alpha=-2.0)  # [M] distance^2
-            torch.minimum(nearest, to_taken.clamp_min_(0.0), out=nearest)
-            nearest.index_fill_(0, taken, -torch.inf)  # never taken again
-            index = nearest.argmax()
-        return chosen.sort().values
+        return _farthest_points(x, m).sort().values
