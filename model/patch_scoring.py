@@ -29,7 +29,7 @@ import torch
 from .vcp_clip import upsample_patches
 
 __all__ = ["CHUNK_ELEMENTS", "MUTUAL_FRACTION", "reference_memory", "reference_score",
-           "mutual_score", "score_map"]
+           "cosine_distance", "mutual_layer", "mutual_score", "score_map"]
 
 CHUNK_ELEMENTS = 1 << 26  # entries of one similarity chunk
 MUTUAL_FRACTION = 0.3  # MuSc's interval average: the smallest 30% of the other images' distances
@@ -37,6 +37,11 @@ MUTUAL_FRACTION = 0.3  # MuSc's interval average: the smallest 30% of the other 
 
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
+
+
+def cosine_distance(similarity: torch.Tensor) -> torch.Tensor:
+    """Nearest similarity -> ``1 - cosine``, the distance of the reference and mutual scores."""
+    return 1.0 - similarity
 
 
 def reference_memory(patch_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -54,7 +59,7 @@ def _nearest_reference_distance(patches: torch.Tensor, memory: torch.Tensor,
         for start in range(0, memory.shape[0], rows):
             sim = patches @ memory[start:start + rows].T  # [B, L, rows]
             best = torch.maximum(best, sim.amax(-1).float())
-    return 1.0 - best
+    return cosine_distance(best)
 
 
 def reference_score(patch_tokens: list[torch.Tensor], memory: list[torch.Tensor],
@@ -68,35 +73,39 @@ def reference_score(patch_tokens: list[torch.Tensor], memory: list[torch.Tensor]
     return torch.stack(layers).mean(0)
 
 
-def _mutual_layer(tokens: torch.Tensor, keep: int, chunk_elements: int) -> torch.Tensor:
-    """tokens [N,L,W] of one layer -> mutual score [N,L] float32.
+def mutual_layer(features: torch.Tensor, keep: int, distance=cosine_distance,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """features [N,L,W] (L2-normalized) of one layer -> [N,L] float32: for each patch, the mean of
+    the ``keep`` smallest of its N-1 distances to its nearest patch of each other image.
 
-    The query patches (all N*L, ``rows`` at a time) meet the key images ``per_key`` at a time:
-    a [rows, per_key*L] similarity chunk, reduced to the nearest distance to each key image.
+    ``distance`` maps the nearest (largest) dot product, float32, to a distance; it must decrease
+    as the similarity grows, so that the nearest patch is the one of largest dot product. The
+    query patches (all N*L, ``rows`` at a time) meet the key images ``per_key`` at a time: a
+    [rows, per_key*L] similarity chunk, reduced to the nearest distance to each key image.
     """
-    n, length, width = tokens.shape
-    flat = tokens.reshape(n * length, width)  # [N*L, W]
+    n, length, width = features.shape
+    flat = features.reshape(n * length, width)  # [N*L, W]
     per_key = max(1, min(n, chunk_elements // (length * length)))  # key images per chunk
     rows = max(1, chunk_elements // (per_key * length))  # query patches per chunk
-    out = torch.empty(n * length, device=tokens.device)  # [N*L]
-    image_of_row = torch.arange(n * length, device=tokens.device) // length  # [N*L]
-    with _no_autocast(tokens):
+    out = torch.empty(n * length, device=features.device)  # [N*L]
+    image_of_row = torch.arange(n * length, device=features.device) // length  # [N*L]
+    with _no_autocast(features):
         for q in range(0, n * length, rows):
-            out[q:q + rows] = _mutual_rows(flat[q:q + rows], image_of_row[q:q + rows], tokens,
-                                           per_key, keep)
+            out[q:q + rows] = _mutual_rows(flat[q:q + rows], image_of_row[q:q + rows], features,
+                                           per_key, keep, distance)
     return out.view(n, length)
 
 
-def _mutual_rows(query: torch.Tensor, own: torch.Tensor, tokens: torch.Tensor, per_key: int,
-                 keep: int) -> torch.Tensor:
-    """query [R,W] patches of the images ``own`` [R] against all images tokens [N,L,W] -> [R]."""
-    n, length, width = tokens.shape
-    nearest = torch.empty(len(query), n, device=tokens.device)  # [R, N]
+def _mutual_rows(query: torch.Tensor, own: torch.Tensor, features: torch.Tensor, per_key: int,
+                 keep: int, distance) -> torch.Tensor:
+    """query [R,W] patches of the images ``own`` [R] against all images features [N,L,W] -> [R]."""
+    n, length, width = features.shape
+    nearest = torch.empty(len(query), n, device=features.device)  # [R, N]
     for k in range(0, n, per_key):
-        keys = tokens[k:k + per_key]  # [P, L, W]
+        keys = features[k:k + per_key]  # [P, L, W]
         sim = query @ keys.reshape(-1, width).T  # [R, P*L]
-        nearest[:, k:k + len(keys)] = 1.0 - sim.view(len(query), -1, length).amax(-1).float()
-    nearest[torch.arange(len(query), device=tokens.device), own] = torch.inf  # not its own image
+        nearest[:, k:k + len(keys)] = distance(sim.view(len(query), -1, length).amax(-1).float())
+    nearest[torch.arange(len(query), device=features.device), own] = torch.inf  # not its own image
     return nearest.topk(keep, dim=1, largest=False).values.mean(1)
 
 
@@ -114,7 +123,8 @@ def mutual_score(patch_tokens, fraction: float = MUTUAL_FRACTION,
         n = tokens.shape[0]
         if n < 2:
             raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
-        layer = _mutual_layer(tokens, max(1, round(fraction * (n - 1))), chunk_elements)
+        layer = mutual_layer(tokens, max(1, round(fraction * (n - 1))),
+                             chunk_elements=chunk_elements)
         total, count = layer if total is None else total + layer, count + 1
     if total is None:
         raise ValueError("no tapped layers given")

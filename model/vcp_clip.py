@@ -51,12 +51,17 @@ class AnomalyMaps:
     """Per tapped layer, the patch logits [B,L,2] of both branches (channel 1 = abnormal), made into
     maps at ``size`` on demand, and the L2-normalized patch tokens [B,L,W] (class token removed)
     that the Post-VCP branch read: what few-shot and mutual scoring compare
-    (``model/patch_scoring.py``)."""
+    (``model/patch_scoring.py``). Also what the backbone gave, as it gave it (the same tensors,
+    not copies): each tapped block's raw output tokens [B,1+L,W], class token first, what MuSc's
+    LNAMD normalizes, and the CLIP image embeddings [B,E] (not normalized) that Pre-VCP and
+    MuSc's RsCIN read (``model/musc.py``)."""
 
     size: int
     raw_logits: list[torch.Tensor] = field(default_factory=list)  # linear branch (Pre-VCP text)
     new_logits: list[torch.Tensor] = field(default_factory=list)  # Post-VCP branch
     patch_tokens: list[torch.Tensor] = field(default_factory=list)  # [B, L, W] per layer
+    raw_tokens: list[torch.Tensor] = field(default_factory=list)  # [B, 1+L, W] per layer
+    image_features: torch.Tensor | None = None  # [B, E]
 
     @property
     def raw(self) -> list[torch.Tensor]:
@@ -163,7 +168,7 @@ class VCPCLIP(nn.Module):
         with torch.no_grad():  # the backbone is frozen (docs/reproduction.md §7)
             image_features, tokens = self.clip.encode_image(images, self.cfg.features_list)
         text = self.encode_text(image_features)  # [B, 2, E]
-        maps = AnomalyMaps(size)
+        maps = AnomalyMaps(size, raw_tokens=tokens, image_features=image_features)
         for fc, layer_tokens in zip(self.linear_layers.fc, tokens):
             patches = layer_tokens[:, 1:]  # [B, L, W], class token removed
             feats = F.normalize(fc(patches), dim=-1)  # [B, L, E]
