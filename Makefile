@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo app browser venv clean
+.PHONY: test test-fast lint demo app browser venv clean
 
 venv: $(STAMP)
 
@@ -16,11 +16,18 @@ $(STAMP): requirements.txt
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
+# the unit tests alone (no subprocesses, no browser, nothing slow): docs/tests.md
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not subprocess and not browser"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh
 
 # The inspection page with the demo's checkpoint (after `make demo`); T starts near the demo's
-# calibrated thresholds (README, 'The inspection page').
+# calibrated thresholds (docs/app.md).
 app: $(STAMP)
 	$(PY) app.py --checkpoint_path demo_output/checkpoints/epoch_30_group_id_2.pth \
 	    --pretrained_path demo_output/clip_demo.pt --threshold 0.05

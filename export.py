@@ -4,7 +4,8 @@
         --pretrained_path pretrained_weight/ViT-L-14-336px.pt --image_size 518 --output vcp.onnx
 
 The graph maps CLIP-normalized images ``images`` [B,3,S,S] float32 (B dynamic) to the two
-test-time abnormal maps ``raw`` and ``new`` [B,S,S] float32 (docs/reproduction.md §6: the mean over the tapped
+test-time abnormal maps ``raw`` and ``new`` [B,S,S] float32 (docs/reproduction.md §6: the mean over
+the tapped
 layers of channel 1, before the smoothing and blending that ``predict.py`` applies). Beside it
 goes ``<output stem>.json``, what a reader needs: image size, normalization, the model and backbone
 configs, the checkpoint, opset and precision. The export is then checked: one random image through

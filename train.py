@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import signal
 import sys
 import time
@@ -150,7 +149,8 @@ class Logger:
 
 
 def trainable_parameter_groups(model: VCPCLIP, lr: float) -> list[dict]:
-    """Adam groups (docs/reproduction.md §7): lr for every trainable weight, 0.01 for the two temperatures.
+    """Adam groups (docs/reproduction.md §7): lr for every trainable weight, 0.01 for the two
+    temperatures.
     ``prompt_text_projection`` is frozen: it is never used in the forward pass, so it has no
     gradient and would not change anyway (DDP needs every trained parameter to get one)."""
     model.prompts.prompt_text_projection.requires_grad_(False)
@@ -161,7 +161,8 @@ def trainable_parameter_groups(model: VCPCLIP, lr: float) -> list[dict]:
 
 
 def adam(model: VCPCLIP, lr: float, payload: dict | None) -> torch.optim.Adam:
-    """docs/reproduction.md §7's optimizer. A checkpoint of ours brings its moments and step counts (a released
+    """docs/reproduction.md §7's optimizer. A checkpoint of ours brings its moments and step counts
+    (a released
     file only weights); the learning rates stay the flags'."""
     optimizer = torch.optim.Adam(trainable_parameter_groups(model, lr), betas=(0.5, 0.999))
     if payload is not None and "optimizer" in payload:
@@ -173,7 +174,8 @@ def adam(model: VCPCLIP, lr: float, payload: dict | None) -> torch.optim.Adam:
 
 
 def validation_data(args, cfg) -> tuple[AnomalyDataset | None, list[str]]:
-    """The products reported after each epoch (docs/reproduction.md §7: five of the other dataset) and the log
+    """The products reported after each epoch (docs/reproduction.md §7: five of the other dataset)
+    and the log
     lines that say what was left out and why. Validation is a report: nothing here stops a run."""
     name = args.val_dataset or VAL_DATASET_FOR_TRAINING_ON.get(args.dataset)
     if name in (None, "none"):

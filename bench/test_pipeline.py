@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import evenly_spaced_layers, per_image_text  # noqa: E402
 from tests.helpers.naive_metrics import naive_evaluate_product, naive_product_maps  # noqa: E402
-from dataset.make_dataset_new import convert  # noqa: E402
-from dataset.make_meta import write_meta  # noqa: E402
+from dataset.convert import convert  # noqa: E402
+from dataset.meta import write_meta  # noqa: E402
 from dataset.synthetic import SOURCES, write_product  # noqa: E402
 from model import (CLIPConfig, VCPCLIP, VCPConfig, build_vcp_clip, checkpoint_configs,  # noqa: E402
                    load_clip, read_checkpoint, save_checkpoint)

@@ -1,4 +1,5 @@
-"""Dataset preparation: original datasets -> the standardized layout + meta files (docs/reproduction.md §9).
+"""Dataset preparation: original datasets -> the standardized layout + meta files
+(docs/reproduction.md §9).
 
 Command-line tools (run from the repository root):
 

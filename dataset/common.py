@@ -17,14 +17,16 @@ from typing import Optional
 from utils.errors import DataError
 from utils.images import IMAGE_EXTENSIONS
 
-# Destination folders of the standardized layout, relative to <dst>/<dataset>/<product>/ (docs/reproduction.md §9).
+# Destination folders of the standardized layout, relative to <dst>/<dataset>/<product>/
+# (docs/reproduction.md §9).
 TRAIN_GOOD = "train/good"
 TEST_GOOD = "test/good"
 TEST_ANOMALY = "test/anomaly"
 GT_ANOMALY = "ground_truth/anomaly"
 LAYOUT_FOLDERS = (TRAIN_GOOD, TEST_GOOD, TEST_ANOMALY, GT_ANOMALY)
 
-# Dataset names become the file-name prefix; docs/reproduction.md §9 reads dataset_name back as the prefix before
+# Dataset names become the file-name prefix; docs/reproduction.md §9 reads dataset_name back as the
+# prefix before
 # the first "_", so a name must not contain "_" (and must be a plain folder name).
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
@@ -93,7 +95,8 @@ def check_dataset_name(name: str) -> None:
     if not _DATASET_NAME.match(name or ""):
         raise DataError(
             f"invalid dataset name {name!r}: use letters, digits and '-' only (no '_': the meta "
-            "file takes dataset_name from the file-name prefix before the first '_', docs/reproduction.md §9)")
+            "file takes dataset_name from the file-name prefix before the first '_', "
+            "docs/reproduction.md §9)")
 
 
 def is_hidden(name: str) -> bool:

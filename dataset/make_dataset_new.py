@@ -20,44 +20,12 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script from anywhere: make `dataset.` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset.common import check_dataset_name  # noqa: E402
+from dataset.convert import convert  # noqa: E402
+from dataset.layouts import LAYOUTS  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 from utils.paths import DEFAULT_DATA  # noqa: E402
-from dataset.layouts import LAYOUTS, make_plan  # noqa: E402
-from dataset.writer import write_plan  # noqa: E402
 
 DEFAULT_DST = DEFAULT_DATA
-
-
-def check_paths(src: Path, final: Path) -> None:
-    """Refuse outputs that would overwrite, delete or sit inside the source."""
-    src, final = src.resolve(), final.resolve()
-    if final == src or final in src.parents or src in final.parents:
-        raise DataError(f"output folder {final} overlaps the source {src}: replacing it would "
-                           "delete or mix with the original data; choose another --dst_path")
-    if final.exists() and not final.is_dir():
-        raise DataError(f"output {final} exists and is not a folder")
-    for parent in final.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"output parent {parent} exists and is not a folder")
-            break
-
-
-def convert(dataset: str, src_path, dst_path=DEFAULT_DST, layout: Optional[str] = None,
-            mask_threshold: Optional[int] = None, allow_missing_masks: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src_path`` into ``dst_path/dataset`` and return that folder.
-
-    Raises :class:`~dataset.common.DataError` (before writing anything) for a bad name, bad
-    paths or a source with missing items; for an unreadable image it raises after removing the
-    partial output, leaving any previous ``dst_path/dataset`` as it was.
-    """
-    check_dataset_name(dataset)
-    src, dst = Path(src_path), Path(dst_path)
-    check_paths(src, dst / dataset)
-    plan = make_plan(dataset, src, layout, mask_threshold, allow_missing_masks)
-    return write_plan(plan, dst, progress=progress)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

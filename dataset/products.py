@@ -1,4 +1,5 @@
-"""Fixed product orders of MVTec-AD and VisA (docs/reproduction.md §9) and the validation products (docs/reproduction.md §7).
+"""Fixed product orders of MVTec-AD and VisA (docs/reproduction.md §9) and the validation products
+(docs/reproduction.md §7).
 
 The whole project imports these constants from here; nothing else should spell the lists out.
 """
@@ -18,7 +19,8 @@ VISA_PRODUCTS = (
 # Datasets whose product order is fixed; every other dataset's products are discovered (sorted).
 FIXED_PRODUCT_ORDERS = {"mvtec": MVTEC_PRODUCTS, "visa": VISA_PRODUCTS}
 
-# docs/reproduction.md §7: after each training epoch the reference reports pixel AP on five products of the
+# docs/reproduction.md §7: after each training epoch the reference reports pixel AP on five
+# products of the
 # *other* dataset.  Keyed by the dataset the products belong to, in the reference's order.
 MVTEC_VAL_PRODUCTS = ("bottle", "hazelnut", "wood", "zipper", "leather")
 VISA_VAL_PRODUCTS = ("chewinggum", "cashew", "pipe_fryum", "capsules", "candle")

@@ -1,4 +1,5 @@
-"""Write a :class:`~dataset.common.Plan` as the standardized layout (docs/reproduction.md §9), atomically.
+"""Write a :class:`~dataset.common.Plan` as the standardized layout (docs/reproduction.md §9),
+atomically.
 
 * One running id per conversion, starting at 0, +1 per image in plan order, 6 digits.
 * Images: ``cv2.imread(path, cv2.IMREAD_COLOR)`` then ``cv2.imwrite(.bmp)`` -- grey sources

@@ -131,7 +131,8 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, activation: str):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, activation) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, activation)
+                                       for _ in range(layers))
 
 
 class VisionTransformer(nn.Module):
@@ -168,7 +169,8 @@ class VisionTransformer(nn.Module):
 
 
 class TextPrompts(nn.Module):
-    """The learnable text-side prompts of docs/reproduction.md §3 (names as in the released checkpoints' top level).
+    """The learnable text-side prompts of docs/reproduction.md §3 (names as in the released
+    checkpoints' top level).
 
     ``prompt_embeddings`` [1,n,T] go in after the start token; ``deep_prompt_embeddings`` [D,n,T]
     overwrite those n positions before blocks 1..D. ``prompt_text_projection`` is trained by the

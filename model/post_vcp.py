@@ -1,4 +1,5 @@
-"""Post-VCP (docs/reproduction.md §5): cross-attention from the text embeddings to the image's patch tokens."""
+"""Post-VCP (docs/reproduction.md §5): cross-attention from the text embeddings to the image's
+patch tokens."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""Pre-VCP (docs/reproduction.md §4): the image's global feature becomes the class tokens of the text prompt,
+"""Pre-VCP (docs/reproduction.md §4): the image's global feature becomes the class tokens of the
+text prompt,
 so no product name is needed."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CLIP's byte-level BPE tokenizer with one extra special token, ``<|class|>`` (docs/reproduction.md §2).
+"""CLIP's byte-level BPE tokenizer with one extra special token, ``<|class|>``
+(docs/reproduction.md §2).
 
 The vocabulary file ``bpe_simple_vocab_16e6.txt.gz`` is read from the installed OpenAI CLIP
 distribution (PyPI ``clip-anytorch``, import name ``clip``) rather than kept in this repository.

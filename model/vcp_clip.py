@@ -1,4 +1,5 @@
-"""VCP-CLIP: CLIP backbone + Pre-VCP + per-layer linear maps + Post-VCP -> anomaly maps (docs/reproduction.md §3-6)."""
+"""VCP-CLIP: CLIP backbone + Pre-VCP + per-layer linear maps + Post-VCP -> anomaly maps
+(docs/reproduction.md §3-6)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -75,7 +76,8 @@ class AnomalyMaps:
         return [patch_map(x, self.size) for x in self.new_logits]
 
     def abnormal(self, per_image: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test-time maps (docs/reproduction.md §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S]).
+        """Test-time maps (docs/reproduction.md §6): mean over layers of channel 1 -> ([B,S,S],
+        [B,S,S]).
 
         ``per_image``: make the maps one image at a time, or the whole batch at once; the values
         are the same bit for bit (``tests/test_vcp_clip.py``). The default is one image at a time

@@ -125,7 +125,8 @@ def run_job(url, form) -> dict:
 
 
 def expected_map(path, tiny_archive, tiny_checkpoint):
-    """An independent oracle: the model run by hand, the docs/reproduction.md §10 blend without normalization."""
+    """An independent oracle: the model run by hand, the docs/reproduction.md §10 blend without
+    normalization."""
     import torch
     from scipy.ndimage import gaussian_filter
 
@@ -365,6 +366,7 @@ def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
     return text
 
 
+@pytest.mark.browser
 def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoint):
     server, inspector, calls = served
     driver = start_browser()

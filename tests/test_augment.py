@@ -1,4 +1,5 @@
-"""utils/augment.py: determinism, image/mask alignment, photometric-only steps, reference semantics."""
+"""utils/augment.py: determinism, image/mask alignment, photometric-only steps, reference
+semantics."""
 
 import cv2
 import numpy as np

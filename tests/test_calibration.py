@@ -55,6 +55,7 @@ def test_bad_input(scores, rate, message):
     assert message in str(e.value)
 
 
+@pytest.mark.subprocess
 def test_calibrate_command(tmp_path, tiny_archive, tiny_checkpoint, capsys):
     """predict.py --calibrate prints the quantile of the max pixel scores that predict.py writes."""
     import csv

@@ -1,4 +1,5 @@
-"""The released checkpoint layout (docs/reproduction.md §8): exact keys and shapes, round trip, clear errors."""
+"""The released checkpoint layout (docs/reproduction.md §8): exact keys and shapes, round trip,
+clear errors."""
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
-"""utils/data.py on a tiny standardized dataset built in a temporary folder (docs/reproduction.md §1, §7, §9)."""
+"""utils/data.py on a tiny standardized dataset built in a temporary folder (docs/reproduction.md
+§1, §7, §9)."""
 
 import json
 import re
@@ -24,7 +25,8 @@ TILE_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 # ---------------------------------------------------------------------------- independent oracle
 
 def expected_image(path, size=S):
-    """docs/reproduction.md §1 written directly with Pillow + numpy: bicubic resize, then RGB, then normalize."""
+    """docs/reproduction.md §1 written directly with Pillow + numpy: bicubic resize, then RGB, then
+    normalize."""
     with Image.open(path) as im:
         im = im.resize((size, size), Image.BICUBIC).convert("RGB")
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)

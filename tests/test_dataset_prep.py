@@ -1,4 +1,5 @@
-"""Dataset preparation (docs/reproduction.md §9): original layouts -> standardized layout -> meta JSON.
+"""Dataset preparation (docs/reproduction.md §9): original layouts -> standardized layout -> meta
+JSON.
 
 Every test builds a tiny original dataset in tmp_path.  Expected file names, ids, pixel values
 and meta entries are written out here or computed here independently of the code under test.
@@ -175,7 +176,8 @@ def build_mvtec(root: Path, skip=()):
                 if defect != "good":
                     gt = root / product / "ground_truth" / defect / f"{name[:-4]}_mask.png"
                     pixels[gt] = source.mask(gt, pixels[src], MASK_VALUES, 128)
-        # expected outputs: train sorted, then test folders sorted, images sorted (docs/reproduction.md §9)
+        # expected outputs: train sorted, then test folders sorted, images sorted
+        # (docs/reproduction.md §9)
         for name in sorted(MVTEC_TRAIN):
             src = root / product / "train" / "good" / name
             expected[f"mvtec/{product}/train/good/mvtec_{index:06d}.bmp"] = _reread(src, grey)
@@ -674,6 +676,7 @@ def _copy_without(src: Path, dst: Path, skip: str) -> Path:
     return dst.parent
 
 
+@pytest.mark.subprocess
 def test_scripts_run_from_repo_root(tmp_path):
     """`python dataset/<script>.py` works from the repository root; errors exit 1, no traceback."""
     src, source = tmp_path / "widget", Source()

@@ -183,6 +183,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(name, script, edit, named, e
     assert not list(env["out"].glob("*.pth"))
 
 
+@pytest.mark.subprocess
 def test_truncated_image_read_by_a_loader_worker(env):
     """The issue's case as a user runs it: a DataLoader worker meets the file."""
     truncate(first_image(env["data"], "toy", "disc"))

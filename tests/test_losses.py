@@ -1,4 +1,5 @@
-"""utils/losses.py against a plain-loop oracle, a hand-worked example and gradcheck (docs/reproduction.md §7)."""
+"""utils/losses.py against a plain-loop oracle, a hand-worked example and gradcheck
+(docs/reproduction.md §7)."""
 
 import math
 
@@ -12,7 +13,8 @@ from utils.losses import dice_loss, focal_loss, segmentation_loss
 # ---------------------------------------------------------------- independent oracles (numpy loops)
 
 def focal_oracle(probs: np.ndarray, target: np.ndarray) -> float:
-    """probs [B,C,H,W], target [B,H,W] ints; docs/reproduction.md §7 focal loss written pixel by pixel."""
+    """probs [B,C,H,W], target [B,H,W] ints; docs/reproduction.md §7 focal loss written pixel by
+    pixel."""
     b, c, h, w = probs.shape
     lo, hi = 1e-5 / (c - 1), 1 - 1e-5
     total, count = 0.0, 0

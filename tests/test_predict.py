@@ -82,6 +82,7 @@ def test_globs_and_nothing_readable(tmp_path, folder, tiny_archive, tiny_checkpo
     assert "nothing*.png" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_two_torchrun_processes_write_the_same_files_as_one(tmp_path, folder, tiny_archive,
                                                           tiny_checkpoint, capsys):
     """Under torchrun each process segments its share; scores.csv (gathered, input order) and

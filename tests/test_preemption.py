@@ -21,6 +21,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 IMAGES = 16  # per epoch: 16 steps of batch 1, 8 steps of 2 x 1 under two processes
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The subprocesses run on one thread (ENV), so the in-process runs must too: another thread

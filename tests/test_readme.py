@@ -67,6 +67,7 @@ def test_every_script_call_is_found():
             "dataset/make_meta.py"} <= scripts
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script,flags", CALLS, ids=[f"{s} {' '.join(f)}"[:60] for s, f in CALLS])
 def test_every_flag_in_readme_and_shell_scripts_exists(script, flags):
     known = help_text(script)

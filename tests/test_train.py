@@ -138,6 +138,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, train_data, tiny_archive
     assert not all(torch.equal(a[k], load(first)[k]) for k in a)
 
 
+@pytest.mark.subprocess
 def test_two_gloo_processes_equal_one_process_with_the_double_batch(tmp_path, train_data,
                                                                     tiny_archive, tiny_checkpoint):
     common = ("--epoch", "1", "--learning_rate", "1e-3", "--no_augment", "--prompt_dropout", "0",

@@ -72,7 +72,8 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 def rotate(image: np.ndarray, mask: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate image [H,W,C] and mask [H,W] by ``angle`` degrees (counter-clockwise) about the centre.
+    """Rotate image [H,W,C] and mask [H,W] by ``angle`` degrees (counter-clockwise) about the
+    centre.
 
     Image: bilinear; mask: nearest (stays binary); both: reflect-101 border, size unchanged.
     """
@@ -96,7 +97,8 @@ def rot90(image: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 def brightness_contrast(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """albumentations-1.x brightness/contrast on uint8: ``clip(img * alpha + beta * 255)``, truncated."""
+    """albumentations-1.x brightness/contrast on uint8: ``clip(img * alpha + beta * 255)``,
+    truncated."""
     lut = np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta * 255.0)
     lut = np.clip(lut, 0, 255).astype(np.uint8)  # astype truncates, as albumentations does
     return lut[image]

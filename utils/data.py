@@ -1,4 +1,5 @@
-"""One dataset class for every standardized dataset (docs/reproduction.md §1 preprocessing, §7 training data, §9 meta).
+"""One dataset class for every standardized dataset (docs/reproduction.md §1 preprocessing, §7
+training data, §9 meta).
 
 A data root holds ``meta_<name>.json`` = ``{"train": {product: [entry, ...]}, "test": {...}}``; each
 entry is ``{img_path, mask_path, cls_name, specie_name, dataset_name, anomaly}`` with paths relative
@@ -21,7 +22,8 @@ are alpha-weighted, and un-premultiplied afterwards) and resizes palette ("P") a
 images with nearest neighbour whatever filter is asked. The standardized BMPs are 24-bit RGB, so
 none of this arises on the reference datasets. ``tests/test_data.py`` pins these facts.
 
-Training (docs/reproduction.md §7): an ``augment`` callable (``utils.augment.Augment``) is applied to the
+Training (docs/reproduction.md §7): an ``augment`` callable (``utils.augment.Augment``) is applied
+to the
 original-size uint8 RGB image and its {0,255} mask before the preprocessing above; with
 probability ``mosaic_rate`` a sample is replaced by a 2x2 mosaic of four anomalous images of the
 same product (see ``AnomalyDataset`` for the exact layout).
@@ -110,7 +112,8 @@ class _Binarize:
 
 
 def image_transform(size: int = 518) -> T.Compose:
-    """PIL image (any mode) -> float32 tensor [3, size, size], CLIP-normalized (docs/reproduction.md §1)."""
+    """PIL image (any mode) -> float32 tensor [3, size, size], CLIP-normalized
+    (docs/reproduction.md §1)."""
     return T.Compose([
         T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(size),
@@ -121,7 +124,8 @@ def image_transform(size: int = 518) -> T.Compose:
 
 
 def mask_transform(size: int = 518) -> T.Compose:
-    """PIL "L" mask with values {0, 255} -> float32 tensor [1, size, size] in {0, 1} (docs/reproduction.md §1)."""
+    """PIL "L" mask with values {0, 255} -> float32 tensor [1, size, size] in {0, 1}
+    (docs/reproduction.md §1)."""
     return T.Compose([
         T.Resize((size, size)),  # torchvision's default interpolation: bilinear
         T.CenterCrop(size),
@@ -248,7 +252,8 @@ class AnomalyDataset(Dataset):
             [H,W,3] and uint8 {0,255} [H,W] arrays (``utils.augment.Augment``), applied before the
             preprocessing. Training only.
         mosaic_rate: probability that a sample is replaced by a 2x2 mosaic of four anomalous
-            images of its product (docs/reproduction.md §7; the reference uses 0.2 for MVTec-AD training only).
+            images of its product (docs/reproduction.md §7; the reference uses 0.2 for MVTec-AD
+            training only).
 
     Mosaic layout (as the reference builds it): four anomalous entries of the sample's product
     are drawn uniformly *with replacement*; each image is converted to RGB; with (W, H) the size
@@ -344,7 +349,8 @@ class AnomalyDataset(Dataset):
                 missing.append(e["mask_path"])
         if missing:
             shown = "\n  ".join(missing[:_MAX_LISTED])
-            more = f"\n  ... and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+            extra = len(missing) - _MAX_LISTED
+            more = f"\n  ... and {extra} more" if extra > 0 else ""
             raise DataError(f"{len(missing)} file(s) listed in {self.meta_file} are missing under "
                             f"{self.root}:\n  {shown}{more}")
 

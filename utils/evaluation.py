@@ -75,7 +75,8 @@ def metric_threads() -> int:
 
 
 class Evaluator:
-    """Finishes each product when the next one starts (scored by ``strategy``): its metrics in a background thread while
+    """Finishes each product when the next one starts (scored by ``strategy``): its metrics in a
+    background thread while
     the model runs on the next products, then its panels in writer threads. Rows are collected
     in product order; memory holds the products in flight, never the dataset."""
 

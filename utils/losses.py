@@ -74,7 +74,8 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
 
 
 def segmentation_loss(prob_maps: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """docs/reproduction.md §7 training loss: ``sum over maps of focal(map, target) + dice(map[:, 1], target)``.
+    """docs/reproduction.md §7 training loss: ``sum over maps of focal(map, target) + dice(map[:,
+    1], target)``.
 
     prob_maps: list of [B, 2, H, W] softmax maps (every tapped layer of both branches).
     target:    [B, 1, H, W] or [B, H, W] binary mask.

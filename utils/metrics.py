@@ -19,7 +19,8 @@ Three families live here:
   computed without its per-threshold loop; :func:`aupro_official` *(ours)* is the MVTec-AD
   definition (exact PRO curve, integrated up to FPR 0.3, divided by 0.3).
 
-:func:`evaluate_product` gives one row of the docs/reproduction.md §10 table and :func:`format_table` prints it.
+:func:`evaluate_product` gives one row of the docs/reproduction.md §10 table and
+:func:`format_table` prints it.
 Every metric is a raw fraction (not x100); undefined metrics are ``nan`` with a warning.
 """
 
@@ -778,7 +779,8 @@ def mean_row(
 def format_table(
     rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = TABLE_COLUMNS
 ) -> str:
-    """The docs/reproduction.md §10 pipe table: one row per product then ``mean`` (nanmean over products).
+    """The docs/reproduction.md §10 pipe table: one row per product then ``mean`` (nanmean over
+    products).
 
     Args:
         rows: product name -> row of raw fractions (as :func:`evaluate_product` returns).

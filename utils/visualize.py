@@ -1,4 +1,5 @@
-"""Visualization panels of docs/reproduction.md §10: image | heat map | map above the F1 threshold | mask.
+"""Visualization panels of docs/reproduction.md §10: image | heat map | map above the F1 threshold
+| mask.
 
 Images are uint8 RGB ``[H, W, 3]``, maps float ``[H, W]`` in [0, 1], masks ``[H, W]`` {0, 1}.
 """

@@ -22,7 +22,8 @@ DEFAULT_LAYOUTS = {
     "dtd": "mvtec_like", "dtd-synthetic": "mvtec_like", "dtdsynthetic": "mvtec_like",
 }
 
-# MVTec-AD and VisA are defined by docs/reproduction.md §9 (fixed products, prefixes, thresholds): the names
+# MVTec-AD and VisA are defined by docs/reproduction.md §9 (fixed products, prefixes, thresholds):
+# the names
 # "mvtec" and "visa" always mean those layouts, and those layouts always write those names.
 RESERVED = {"mvtec": "mvtec", "visa": "visa"}
 
@@ -34,7 +35,8 @@ def resolve_layout(name: str, layout: Optional[str] = None) -> str:
     reserved = RESERVED.get(name.lower())
     if reserved and layout not in (None, reserved):
         raise DataError(f"dataset {name!r} is always converted with layout {reserved!r}, "
-                           f"not {layout!r} (docs/reproduction.md §9 fixes its products and file names)")
+                           f"not {layout!r} (docs/reproduction.md §9 fixes its products and "
+                           "file names)")
     if layout in RESERVED.values() and name != layout:
         raise DataError(f"layout {layout!r} writes the dataset {layout!r}; "
                            f"use --dataset {layout} (got {name!r})")
@@ -51,7 +53,8 @@ def make_plan(name: str, src: Path, layout: Optional[str] = None,
     """Validate ``src`` as ``layout`` (default: implied by ``name``) and plan its conversion.
 
     ``mask_threshold`` overrides the default binarization of the mvtec_like/btad/folder layouts
-    (MVTec-AD and VisA keep docs/reproduction.md §9's > 128 and > 0); ``allow_missing_masks`` is for ``folder``.
+    (MVTec-AD and VisA keep docs/reproduction.md §9's > 128 and > 0); ``allow_missing_masks`` is
+    for ``folder``.
     """
     from dataset.layouts import folder, mvtec, mvtec_like, visa
 

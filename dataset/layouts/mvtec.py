@@ -1,4 +1,5 @@
-"""MVTec-AD (docs/reproduction.md §9): the MVTec-AD layout with the fixed product order and the prefix ``mvtec``.
+"""MVTec-AD (docs/reproduction.md §9): the MVTec-AD layout with the fixed product order and the
+prefix ``mvtec``.
 
 Original: ``<root>/<product>/{train/good, test/<defect>, ground_truth/<defect>/NNN_mask.png}``.
 Output: ``train/good/mvtec_{id}.bmp``, ``test/good/mvtec_good_{id}.bmp``,

@@ -9,7 +9,8 @@ Source layout, per product folder ``<src>/<product>/``::
 
 MVTec-AD, MPDD and DTD-Synthetic use ``<good>`` = ``good`` and ``_mask``; BTAD uses ``ok`` for
 normal and ``ko`` for its single defect folder, and masks named like the image (``.png`` or
-``.bmp``).  Processing order (docs/reproduction.md §9, as MVTec-AD): products in order, per product the training
+``.bmp``).  Processing order (docs/reproduction.md §9, as MVTec-AD): products in order, per product
+the training
 images (sorted), then the test folders (sorted), images sorted.  Output names:
 ``{name}_{id}.bmp`` (train), ``{name}_good_{id}.bmp`` (test normal),
 ``{name}_{defect}_{id}.bmp`` + mask ``.png`` (test anomalous).

@@ -87,7 +87,8 @@ def plan(src: Path) -> Plan:
                 problems.add(f"{csv_path}: no rows for product {product!r}")
 
     items = []
-    for product in VISA_PRODUCTS:  # fixed order; train rows then test rows, CSV order (docs/reproduction.md §9)
+    # fixed order; train rows then test rows, CSV order (docs/reproduction.md §9)
+    for product in VISA_PRODUCTS:
         for where, row in by_product[product]["train"] + by_product[product]["test"]:
             item = row_item(src, where, row, problems)
             if item is not None:

@@ -1,4 +1,5 @@
-"""The straightforward way to compute the docs/reproduction.md §10 metrics: the oracle and the baseline.
+"""The straightforward way to compute the docs/reproduction.md §10 metrics: the oracle and the
+baseline.
 
 Independent of ``utils.metrics``: per-call scikit-learn metrics, the reference AUPRO as a loop
 over thresholds that thresholds every map and labels every mask with scikit-image at each
