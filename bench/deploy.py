@@ -5,7 +5,7 @@ maps), random weights of the real shapes, the same thread count for both.
     python bench/deploy.py --config configs/tiny.json --image_size 518 --batch_size 4
 
 The model is exported the way export.py exports it (fp32, dynamic batch). The last line is ONNX
-Runtime's images/s over PyTorch's: ``speedup: 1.1x``.
+Runtime's images/s over PyTorch's (``speedup: <ratio>x``; docs/export.md has measured values).
 """
 from __future__ import annotations
 

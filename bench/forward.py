@@ -5,7 +5,7 @@ encoding, with random weights of the real shapes.
     python bench/forward.py --config configs/tiny.json --image_size 112 --batch_size 4   # CPU
 
 The last line compares the batched prompted text encoding with the reference's loop over images
-and templates (one sequence at a time): ``speedup: 7.4x``.
+and templates (one sequence at a time): ``speedup: <ratio>x`` (docs/performance.md).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Three runs over the same data, model and loader settings:
     template, every map of the dataset held until the end, then per product scikit-learn's
     metrics called one by one, the per-threshold AUPRO loop and the panels written one by one.
 Prints the wall times, end-to-end / forward-only, and peak traced (NumPy / Python) memory.
-The last line is the reference's way / ours, end to end: ``speedup: 12.3x`` (not printed with
+The last line is the reference's way / ours, end to end: ``speedup: <ratio>x`` (not printed with
 ``--no_reference``).
 """
 from __future__ import annotations

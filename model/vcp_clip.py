@@ -81,8 +81,9 @@ class AnomalyMaps:
 
         ``per_image``: make the maps one image at a time, or the whole batch at once; the values
         are the same bit for bit (``tests/test_vcp_clip.py``). The default is one image at a time
-        on a CPU (one image's maps take 17 MB at 518 px, a batch of 8's 137 MB: 1.12x faster,
-        ``bench/forward.py``), the whole batch elsewhere and in an exported graph."""
+        on a CPU (one image's maps take 17 MB at 518 px, a batch of 8's 137 MB, and the smaller
+        working set is faster: ``bench/forward.py`` prints both, docs/performance.md), the whole
+        batch elsewhere and in an exported graph."""
         per_image = self.raw_logits[0].device.type == "cpu" if per_image is None else per_image
         b = self.raw_logits[0].shape[0]
         chunks = [slice(i, i + 1) for i in range(b)] if per_image else [slice(None)]
@@ -102,7 +103,7 @@ def upsample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
     h = int(round(n ** 0.5))
     # Contiguous [B,C,h,h]: the same values, bit for bit, as the channels-last view that a
     # transposed [B,L,C] gives (forward and backward; tests/test_vcp_clip.py), and a faster
-    # upsampling kernel on a CPU (about 4x at 518 px).
+    # upsampling kernel on a CPU (docs/performance.md).
     return F.interpolate(x.reshape(b, c, h, h).contiguous(), size=(size, size), mode="bilinear",
                          align_corners=True)
 
