@@ -71,11 +71,12 @@ def detect_layout(state: dict, source: str) -> str:
     if "vision_model.embeddings.patch_embedding.weight" in state:
         return "transformers"
     names, open_clip = _strip_open_clip(state)
-    if "visual.conv1.weight" in names:
-        return "open_clip" if open_clip else "openai"
+    # a ResNet CLIP has a 'visual.conv1' too: its stem's first convolution
     if "visual.attnpool.positional_embedding" in names or "visual.layer1.0.conv1.weight" in names:
         raise WeightsError(f"{source} holds a ResNet CLIP ('visual.layer1.*', "
                            "'visual.attnpool.*'): VCP-CLIP needs a CLIP ViT (ViT-L/14@336)")
+    if "visual.conv1.weight" in names:
+        return "open_clip" if open_clip else "openai"
     first = ", ".join(repr(k) for k in list(state)[:5]) or "none"
     raise WeightsError(f"{source} holds no CLIP ViT weights in a layout this loader reads "
                        f"(first keys: {first}); accepted: {ACCEPTED}")

@@ -66,7 +66,8 @@ def read_tensors(path: Path) -> dict:
             return torch.jit.load(str(path), map_location="cpu").state_dict()
     except Exception:  # not TorchScript: a plain state dict, as OpenAI's loader falls back to
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with path.open("rb") as f:  # a file, not a name: torch.load picks a reader by suffix
+                state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsError(f"cannot read CLIP weights {path} ({type(e).__name__}): expected "
                                f"{OFFICIAL}, or a state-dict file") from None
