@@ -26,9 +26,11 @@ __all__ = ["WeightsError", "read_clip_state_dict", "infer_config", "resize_posit
 OFFICIAL = ("OpenAI's ViT-L-14-336px.pt (the file that the `clip` package's "
             "clip.load('ViT-L/14@336px') downloads) or a folder of the hub's "
             "openai/clip-vit-large-patch14-336; see docs/weights.md")
-# The weight file read from a folder, first found first.
-FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-                "open_clip_pytorch_model.bin")
+# The weight file read from a folder, first found first: open_clip's file names before
+# transformers' ones, since a hub repository of timm's holds open_clip's files beside a
+# model.safetensors in timm's own layout.
+FOLDER_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                "pytorch_model.bin")
 
 
 def weight_file(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""VCP-CLIP: CLIP backbone + Pre-VCP + per-layer linear maps + Post-VCP -> anomaly maps (SPEC §3-6)."""
+"""VCP-CLIP: CLIP backbone + Pre-VCP + per-layer linear maps + Post-VCP -> anomaly maps
+(docs/reproduction.md §3-6)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ from .tokenizer import CLASS, CLASS_ID, Tokenizer
 
 __all__ = ["VCPConfig", "VCPCLIP", "AnomalyMaps", "TEMPLATES", "patch_map", "upsample_patches"]
 
-# One template per state (SPEC §2); index 0 = normal, 1 = abnormal.
+# One template per state (docs/reproduction.md §2); index 0 = normal, 1 = abnormal.
 TEMPLATES = ((f"a photo of a good {CLASS}",), (f"a photo of a damaged {CLASS}",))
 
 
@@ -27,7 +28,8 @@ class VCPConfig:
     deep_prompt_len: int = 1  # n: learnable prompt tokens per text layer
     total_d_layer_len: int = 11  # D: text blocks (after the first) that get deep prompts
     use_global: bool = True  # Pre-VCP on; off = a fixed learnable class token
-    activation: str = "gelu"  # exact GELU: the released checkpoints were trained with it
+    # exact GELU: the released checkpoints were trained with it; never taken from the CLIP file
+    activation: str = "gelu"
     post_vcp_heads: int = 8
     prompt_dropout: float = 0.1  # on the projected text prompts, active only in training
 
@@ -70,7 +72,8 @@ class AnomalyMaps:
         return [patch_map(x, self.size) for x in self.new_logits]
 
     def abnormal(self, per_image: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test-time maps (SPEC §6): mean over layers of channel 1 -> ([B,S,S], [B,S,S]).
+        """Test-time maps (docs/reproduction.md §6): mean over layers of channel 1 ->
+        ([B,S,S], [B,S,S]).
 
         ``per_image``: make the maps one image at a time, or the whole batch at once; the values
         are the same bit for bit (``tests/test_vcp_clip.py``). The default is one image at a time
@@ -90,7 +93,7 @@ def _mean_abnormal(logits: list[torch.Tensor], size: int) -> torch.Tensor:
 
 def upsample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
     """Per-patch values [B,C,L] (row-major H x H grid) -> [B,C,S,S] (bilinear, align_corners=True,
-    SPEC §6)."""
+    docs/reproduction.md §6)."""
     b, c, n = x.shape
     h = int(round(n ** 0.5))
     # Contiguous [B,C,h,h]: the same values, bit for bit, as the channels-last view that a
@@ -160,7 +163,7 @@ class VCPCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor) -> AnomalyMaps:
         size = images.shape[-1]
-        with torch.no_grad():  # the backbone is frozen (SPEC §7)
+        with torch.no_grad():  # the backbone is frozen (docs/reproduction.md §7)
             image_features, tokens = self.clip.encode_image(images, self.cfg.features_list)
         text = self.encode_text(image_features)  # [B, 2, E]
         maps = AnomalyMaps(size)

@@ -228,5 +228,15 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, hf_folder, keep):
 
 def test_a_folder_without_weights_names_the_files_looked_for(tmp_path):
     with pytest.raises(WeightsError, match=f"{tmp_path} is a folder without CLIP weights: "
-                                           "expected one of model.safetensors, pytorch_model.bin"):
+                                           "expected one of open_clip_model.safetensors, "
+                                           "open_clip_pytorch_model.bin, model.safetensors"):
         load_clip(tmp_path, 56)
+
+
+def test_a_folder_with_open_clip_and_timm_files_reads_open_clip_s(tmp_path, tiny_archive):
+    """As a timm repository on the hub: open_clip's file beside timm's own model.safetensors."""
+    state = read_clip_state_dict(tiny_archive)
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    save_file({"patch_embed.proj.weight": torch.zeros(128, 3, 14, 14)},
+              tmp_path / "model.safetensors")
+    assert same_weights(load_clip(tmp_path, 56), load_clip(tiny_archive, 56))
