@@ -122,12 +122,10 @@ def _mlp_width(state: dict[str, torch.Tensor], tower: str) -> int | None:
                  if k.startswith(tower) and k.endswith("mlp.c_fc.weight")), None)
 
 
-def check_transformers_config(raw: dict, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Every size that config.json states must be the tensors' (heads: width / 64, as this CLIP
-    builds them; LayerNorm eps 1e-5). Its ``hidden_act`` is not read: the activation is the
-    VCP model's choice (``VCPConfig.activation``)."""
+def sizes_from_tensors(state: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """The sizes a transformers config.json states, as the tensors have them (dotted keys)."""
     cfg = infer_config(state)
-    from_tensors = {
+    return {
         "projection_dim": cfg.embed_dim, "vision_config.image_size": cfg.image_size,
         "vision_config.patch_size": cfg.patch_size, "vision_config.hidden_size": cfg.vision_width,
         "vision_config.num_hidden_layers": cfg.vision_layers,
@@ -136,11 +134,18 @@ def check_transformers_config(raw: dict, state: dict[str, torch.Tensor], path: P
         "text_config.intermediate_size": _mlp_width(state, "transformer."),
         "text_config.max_position_embeddings": cfg.context_length,
         "text_config.vocab_size": cfg.vocab_size}
-    wrong = [f"{k}: {_stated(raw, k)} vs {v}" for k, v in from_tensors.items()
+
+
+def check_transformers_config(raw: dict, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every size that config.json states must be the tensors', and what it asks for must be
+    what this CLIP builds (heads of 64 channels, LayerNorm eps 1e-5). Its ``hidden_act`` is not
+    read: the activation is the VCP model's setting (``VCPConfig.activation``)."""
+    wrong = [f"{k}: {_stated(raw, k)} vs {v}" for k, v in sizes_from_tensors(state).items()
              if _stated(raw, k) is not None and _stated(raw, k) != v]
     if wrong:
         raise WeightsError(f"{path} does not match the CLIP weights beside it (config.json vs "
                            "weights): " + "; ".join(wrong))
+    cfg = infer_config(state)
     built = {"vision_config.num_attention_heads": cfg.vision_heads,
              "text_config.num_attention_heads": cfg.text_heads,
              "vision_config.layer_norm_eps": 1e-5, "text_config.layer_norm_eps": 1e-5}
