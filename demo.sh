@@ -18,6 +18,7 @@ OUT=${DEMO_OUT:-demo_output}
 SEED=${SEED:-0}  # data and training
 CLIP_SEED=${CLIP_SEED:-0}  # the random backbone: fixed, as pretrained weights would be
 EPOCHS=${EPOCHS:-30}
+LR=${LR:-1e-3}
 DATA=$OUT/data
 CLIP=$OUT/clip_demo.pt
 CONFIG=configs/demo.json
@@ -62,7 +63,7 @@ echo "== 4/6 train on demoaux (the backbone stays frozen; only the VCP parts lea
 python train.py --dataset demoaux --train_data_path "$DATA" --val_data_path "$DATA" \
     --save_path "$OUT/checkpoints" --pretrained_path "$CLIP" --config_path "$CONFIG" \
     --features_list 1 2 --image_size 128 --total_d_layer_len 1 \
-    --epoch "$EPOCHS" --batch_size 16 --learning_rate 1e-3 --save_freq "$EPOCHS" --seed "$SEED" \
+    --epoch "$EPOCHS" --batch_size 16 --learning_rate "$LR" --save_freq "$EPOCHS" --seed "$SEED" \
     --num_workers 0
 
 echo "== 5/6 zero-shot test on the unseen demotarget products"

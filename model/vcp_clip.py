@@ -28,7 +28,8 @@ class VCPConfig:
     deep_prompt_len: int = 1  # n: learnable prompt tokens per text layer
     total_d_layer_len: int = 11  # D: text blocks (after the first) that get deep prompts
     use_global: bool = True  # Pre-VCP on; off = a fixed learnable class token
-    activation: str = "gelu"  # exact GELU: the released checkpoints were trained with it
+    # exact GELU: the released checkpoints were trained with it; never taken from the CLIP file
+    activation: str = "gelu"
     post_vcp_heads: int = 8
     prompt_dropout: float = 0.1  # on the projected text prompts, active only in training
 

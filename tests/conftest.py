@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random CLIP written as an OpenAI TorchScript archive, and its configs."""
+"""Shared fixtures: a tiny random CLIP written as an OpenAI TorchScript archive and as a
+transformers checkpoint, and its configs."""
 import sys
 from pathlib import Path
 
@@ -22,6 +23,42 @@ def tiny_cfg() -> CLIPConfig:
 @pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory, tiny_cfg) -> Path:
     return write_openai_archive(tiny_cfg, tmp_path_factory.mktemp("clip") / "tiny.pt", seed=0)
+
+
+def transformers_clip(hidden_act: str = "gelu", seed: int = 0, vision: dict | None = None):
+    """A random ``transformers.CLIPModel`` of the tiny backbone's architecture (configs/tiny.json;
+    ``vision`` overrides entries of its vision config), every parameter jittered so that no bias
+    or LayerNorm keeps its initial value."""
+    import transformers
+
+    tiny = CLIPConfig.from_json(TINY_CONFIG)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=tiny.vocab_size, hidden_size=tiny.text_width,
+                         intermediate_size=4 * tiny.text_width, num_hidden_layers=tiny.text_layers,
+                         num_attention_heads=tiny.text_heads,
+                         max_position_embeddings=tiny.context_length, hidden_act=hidden_act,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+        vision_config={**dict(hidden_size=tiny.vision_width,
+                              intermediate_size=4 * tiny.vision_width,
+                              num_hidden_layers=tiny.vision_layers,
+                              num_attention_heads=tiny.vision_heads, image_size=tiny.image_size,
+                              patch_size=tiny.patch_size, hidden_act=hidden_act), **(vision or {})},
+        projection_dim=tiny.embed_dim)
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Path:
+    """A transformers checkpoint folder (config.json + model.safetensors) of the tiny backbone,
+    its config saying ``hidden_act: quick_gelu`` as OpenAI's CLIPs on the hub do."""
+    folder = tmp_path_factory.mktemp("hf") / "clip-tiny"
+    transformers_clip("quick_gelu").save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import test as test_script
 import train as train_script
 from dataset import make_dataset_new, make_meta
 from conftest import TINY_CONFIG
-from model import CLIPConfig
+from model import CLIPConfig, read_clip_state_dict
 from helpers.random_clip import write_openai_archive
 
 
@@ -28,12 +28,13 @@ def truncate(path: Path, keep: int = 300) -> None:
 
 
 @pytest.fixture()
-def env(tmp_path, tiny_data, tiny_archive, tiny_checkpoint):
-    """A private copy of the toy data, the tiny CLIP and a checkpoint; cases break one thing."""
+def env(tmp_path, tiny_data, tiny_archive, tiny_checkpoint, hf_folder):
+    """A private copy of the toy data, the tiny CLIP (also as a transformers folder) and a
+    checkpoint; cases break one thing."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     return {"data": data, "archive": tiny_archive, "checkpoint": tiny_checkpoint,
-            "tmp": tmp_path, "out": tmp_path / "out"}
+            "hf": hf_folder, "tmp": tmp_path, "out": tmp_path / "out"}
 
 
 def argv_test_py(env):
@@ -89,6 +90,37 @@ def truncated_copy(src: Path, dst: Path, keep: int) -> Path:
     return dst
 
 
+def siglip_folder(env) -> Path:
+    """A transformers checkpoint of a model the loader cannot build (a tiny SigLIP: patch
+    embeddings named as CLIP's, no class token, other heads)."""
+    import transformers
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)
+    config = transformers.SiglipConfig(text_config=dict(vocab_size=1000, **sizes),
+                                       vision_config=dict(image_size=28, patch_size=14, **sizes))
+    transformers.SiglipModel(config).save_pretrained(env["tmp"] / "siglip")
+    return env["tmp"] / "siglip"
+
+
+def resnet_clip(env) -> Path:
+    """OpenAI's layout of a ResNet CLIP (RN50's vision tower keys), with the tiny text tower."""
+    state = {k: v for k, v in read_clip_state_dict(env["archive"]).items()
+             if not k.startswith("visual.")}
+    state.update({"visual.conv1.weight": torch.zeros(32, 3, 3, 3),
+                  "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+                  "visual.attnpool.positional_embedding": torch.zeros(50, 2048)})
+    torch.save(state, env["tmp"] / "RN50.pt")
+    return env["tmp"] / "RN50.pt"
+
+
+def config_json_disagreeing(env) -> Path:
+    """A transformers folder whose config.json says 6 text blocks; its tensors have 4."""
+    folder = shutil.copytree(env["hf"], env["tmp"] / "hf")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["text_config"]["num_hidden_layers"] = 6
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
 def a_file(env) -> Path:
     (env["tmp"] / "plain_file").write_text("x")
     return env["tmp"] / "plain_file"
@@ -119,6 +151,18 @@ CASES = [
     ("CLIP weights of the wrong layout", "test",
      lambda e: ["--pretrained_path", wrong_layout(e["tmp"] / "layout.pt")],
      "visual.conv1.weight"),
+    ("CLIP weights: a transformers model the loader cannot build", "test",
+     lambda e: ["--pretrained_path", siglip_folder(e)], "config.json describes a 'siglip' model"),
+    ("CLIP weights: a ResNet CLIP", "test", lambda e: ["--pretrained_path", resnet_clip(e)],
+     "RN50.pt holds a ResNet CLIP"),
+    ("CLIP weights: truncated safetensors", "test",
+     lambda e: ["--pretrained_path", truncated_copy(e["hf"] / "model.safetensors",
+                                                    e["tmp"] / "model.safetensors", 4000)],
+     "model.safetensors (a safetensors file, cut short or damaged"),
+    ("CLIP weights: config.json disagrees with the tensors", "test",
+     lambda e: ["--pretrained_path", config_json_disagreeing(e)],
+     "config.json does not match the CLIP weights beside it (config.json vs weights): "
+     "text_config.num_hidden_layers: 6 vs 4"),
     ("checkpoint of another backbone", "test",
      lambda e: ["--pretrained_path", other_backbone(e)], "another CLIP backbone"),
     ("checkpoint missing", "test", lambda e: ["--checkpoint_path", e["tmp"] / "no.pth"], "no.pth"),

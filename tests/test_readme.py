@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 MANUAL = [ROOT / "README.md"] + DOCS  # every page whose commands and links are checked
-# Written in parallel with this test; links to them may point nowhere until they land.
-MISSING_ALLOWED = {"docs/weights.md"}
 
 
 def shell_lines(text: str) -> list[str]:
@@ -135,8 +133,7 @@ def test_every_relative_link_and_anchor_resolves(page):
         file = (page.parent / path).resolve() if path else page
         name = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
         if not file.exists():
-            if name not in MISSING_ALLOWED:
-                broken.append(f"{target}: no file {name}")
+            broken.append(f"{target}: no file {name}")
         elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
             broken.append(f"{target}: no heading #{anchor} in {name}")
     assert not broken, broken

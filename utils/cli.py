@@ -84,7 +84,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that shape the model. Those left unset take the checkpoint's saved config when it
     has one, else the reference's defaults (``VCPConfig``)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_path", default=DEFAULT_CLIP, help="OpenAI CLIP weights")
+    g.add_argument("--pretrained_path", default=DEFAULT_CLIP,
+                   help="CLIP weights: OpenAI's .pt, a state dict or safetensors file, a "
+                        "transformers folder, an open_clip checkpoint (docs/weights.md)")
     g.add_argument("--config_path", default=None,
                    help="backbone config JSON that the weights must match "
                         "(default: configs/<model>.json)")
@@ -101,7 +103,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_global", action="store_false", default=None,
                    help="switch Pre-VCP's global context OFF (it is on by default)")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
-                   help="ours: MLP activation (default exact gelu, as the released weights)")
+                   help="ours: MLP activation (default exact gelu, as the released weights; "
+                        "whatever the CLIP file's own config says)")
     g.add_argument("--device_id", type=int, default=0, help="CUDA device index")
     g.add_argument("--device", default=None, help="ours: e.g. cpu or cuda:1 (default: the "
                    "accelerator, index --device_id, when there is one, else cpu)")

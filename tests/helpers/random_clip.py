@@ -12,7 +12,7 @@ from torch import nn
 
 from model.clip import CLIP, CLIPConfig
 
-__all__ = ["random_clip_state_dict", "write_openai_archive"]
+__all__ = ["random_clip_state_dict", "write_openai_archive", "write_archive"]
 
 
 def random_clip_state_dict(cfg: CLIPConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -27,8 +27,14 @@ class _Node(nn.Module):
 
 
 def write_openai_archive(cfg: CLIPConfig, path: str | Path, seed: int = 0) -> Path:
+    return write_archive(random_clip_state_dict(cfg, seed), cfg, path)
+
+
+def write_archive(state: dict[str, torch.Tensor], cfg: CLIPConfig, path: str | Path) -> Path:
+    """OpenAI-named tensors (their dtype kept) of architecture ``cfg`` as a TorchScript archive
+    laid out as OpenAI's."""
     root = _Node()
-    for key, tensor in random_clip_state_dict(cfg, seed).items():
+    for key, tensor in state.items():
         *parents, name = key.split(".")
         node = root
         for part in parents:
