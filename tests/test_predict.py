@@ -111,20 +111,6 @@ def test_two_torchrun_processes_write_the_same_files_as_one(tmp_path, folder, ti
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
 
 
-@pytest.mark.parametrize("n,batch,world", [(6, 2, 2), (5, 2, 2), (1, 8, 2), (17, 4, 3), (10, 1, 4)])
-def test_shards_are_whole_batches_covering_every_input_once(monkeypatch, n, batch, world):
-    from utils.distributed import World
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    blocks = []
-    for rank in range(world):
-        monkeypatch.setenv("RANK", str(rank))
-        blocks.append(list(World().indices(n, batch)))
-    assert sum(blocks, []) == list(range(n))
-    assert all(b[0] % batch == 0 for b in blocks if b)
-    counts = [-(-len(b) // batch) for b in blocks]
-    assert max(counts) - min(counts) <= 1
-
-
 def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
         tmp_path, folder, tiny_archive, tiny_checkpoint, monkeypatch, capsys):
     """A write that fails at the 4th input (d_rgba.png, batches of 2) leaves a, b, c recorded in
