@@ -22,6 +22,8 @@ if str(REPO) not in sys.path:  # `pytest` run without `python -m`
     sys.path.insert(0, str(REPO))
 
 from dataset import make_dataset_new, make_meta, products  # noqa: E402
+from dataset.convert import convert  # noqa: E402
+from dataset.meta import build_meta  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 
 MVTEC = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -298,7 +300,7 @@ def test_mvtec_error_keeps_previous_output(mvtec, tmp_path):
     data, expected = mvtec
     before = files_under(data)
     with pytest.raises(DataError) as info:
-        make_dataset_new.convert("mvtec", tmp_path / "empty", data, progress=False)
+        convert("mvtec", tmp_path / "empty", data, progress=False)
     assert str(tmp_path / "empty") in str(info.value)
     assert files_under(data) == before
     assert not [p for p in data.iterdir() if p.name.startswith(".")]
@@ -421,7 +423,7 @@ def test_visa_missing_files_listed(tmp_path):
     os.remove(original / "cashew/Data/Masks/Anomaly/000.png")
     os.remove(original / "fryum/Data/Images/Normal/0002.JPG")
     with pytest.raises(DataError) as info:
-        make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
+        convert("visa", original, tmp_path / "data", progress=False)
     assert len(info.value.problems) == 2
     assert str(original / "cashew/Data/Masks/Anomaly/000.png") in str(info.value)
     assert str(original / "fryum/Data/Images/Normal/0002.JPG") in str(info.value)
@@ -438,7 +440,7 @@ def test_visa_bad_csv_rows_listed(tmp_path):
     kept.append("candle,val,normal,candle/Data/Images/Normal/0000.JPG,")
     csv_path.write_text("\n".join(kept) + "\n")
     with pytest.raises(DataError) as info:
-        make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
+        convert("visa", original, tmp_path / "data", progress=False)
     message = str(info.value)
     assert len(info.value.problems) == 3, message
     assert "no rows for product 'pcb1'" in message
@@ -446,7 +448,7 @@ def test_visa_bad_csv_rows_listed(tmp_path):
     assert f"{csv_path} line {len(kept)}: expected split train or test, got 'val'" in message
     csv_path.write_text("object,split,label,image\n")
     with pytest.raises(DataError, match="missing column.*mask"):
-        make_dataset_new.convert("visa", original, tmp_path / "data", progress=False)
+        convert("visa", original, tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
 
 
@@ -666,7 +668,7 @@ def test_meta_errors(tmp_path, capsys, mvtec):
     assert rc == 1 and str(tmp_path / "mvtec") in out.err and "Traceback" not in out.err
     data, _ = mvtec
     with pytest.raises(DataError, match="cable"):  # fixed product order: all required
-        make_meta.build_meta(_copy_without(data / "mvtec", tmp_path / "copy" / "mvtec", "cable"),
+        build_meta(_copy_without(data / "mvtec", tmp_path / "copy" / "mvtec", "cable"),
                              "mvtec")
     assert not (tmp_path / "copy" / "meta_mvtec.json").exists()
 

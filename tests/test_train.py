@@ -110,6 +110,7 @@ def test_only_the_vcp_parameters_change(tiny_archive, tiny_vcp_cfg):
     assert changed == set(vcp_before) - {"prompt_text_projection"}
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_drive_the_loss_down(tmp_path, train_data, tiny_archive):
     save = tmp_path / "run"
     # 40 steps; 112 px gives an 8x8 patch grid, so the small stains are resolvable
