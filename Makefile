@@ -29,7 +29,7 @@ demo: $(STAMP)
 # The inspection page with the demo's checkpoint (after `make demo`); T starts near the demo's
 # calibrated thresholds (docs/app.md).
 app: $(STAMP)
-	$(PY) app.py --checkpoint_path demo_output/checkpoints/epoch_30_group_id_2.pth \
+	$(PY) app.py --checkpoint_path demo_output/checkpoints/epoch_12_group_id_2.pth \
 	    --pretrained_path demo_output/clip_demo.pt --threshold 0.05
 
 # Headless Chromium and its driver for the page's browser test: Debian's packages, installed when

@@ -13,7 +13,7 @@ ONNX Runtime against the PyTorch model, the max |diff| printed and recorded in t
 
 ``--precision fp16`` stores the weights in fp16 (half the file) and computes in fp16 except the
 LayerNorms (fp32, as in CLIP); inputs and outputs stay float32. Export runs on the CPU; the graph
-does not depend on the device it was exported on. (README, 'Export to ONNX'.)
+does not depend on the device it was exported on (docs/export.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 markdown row per mode (mean over products) with the time per image.
 
     python bench/few_shot_table.py --data_path demo_output/data --dataset demotarget \
-        --checkpoint_path demo_output/checkpoints/epoch_30_group_id_2.pth \
+        --checkpoint_path demo_output/checkpoints/epoch_12_group_id_2.pth \
         --pretrained_path demo_output/clip_demo.pt --config_path configs/demo.json
 
 The model is built once. Modes: zero-shot; for each K of ``--shots``, the reference map fused by

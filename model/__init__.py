@@ -1,4 +1,4 @@
-"""VCP-CLIP in pure PyTorch. The public surface; see README, 'Model API'."""
+"""VCP-CLIP in pure PyTorch. The public surface; see docs/api.md."""
 from .build import build_vcp_clip
 from .errors import InputError
 from .checkpoint import (CheckpointError, checkpoint_configs, load_vcp_weights, read_checkpoint,

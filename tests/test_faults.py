@@ -1,4 +1,4 @@
-"""Bad inputs and faults (README, 'When something goes wrong'): each is one `error:` line that
+"""Bad inputs and faults (docs/faults.md): each is one `error:` line that
 names the file, key or flag, a non-zero exit status, no traceback and no partial output."""
 import json
 import os

@@ -1,4 +1,5 @@
-"""utils/prediction.py: the one prediction path, driven by a MapsFn that is not the model."""
+"""utils/prediction.py and utils/outputs.py: the prediction service, driven by a runtime that is not
+the model."""
 import csv
 
 import numpy as np

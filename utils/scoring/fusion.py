@@ -7,7 +7,7 @@ from utils.metrics import BLEND_NEW, BLEND_RAW, check_pair
 
 __all__ = ["FUSIONS", "fuse_maps"]
 
-# fuse_maps rules, the default (best measured, README 'Few-shot and mutual scoring') first
+# fuse_maps rules, the default (best measured, docs/scoring.md) first
 FUSIONS = ("sum", "geometric", "alone")
 
 
