@@ -8,15 +8,13 @@ Run as a script it drives the page of a running server and saves screenshots (th
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
-import json
 import shutil
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.http_client import Client
 from utils.cli import predictor_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +34,14 @@ DRIVERS = ("chromedriver",)
 
 # ---- a server on a free port, in this process (so the test can count model runs) -----------
 class Server:
-    def __init__(self, inspector):
+    def __init__(self, service, access=None):
         import uvicorn
 
         import app
+        from utils.web import Access, create_app
         self.sock = app.listen("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app.create_app(inspector),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service, access or Access()),
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
@@ -54,24 +54,32 @@ class Server:
         self.thread.join(10)
 
 
+class Counted:
+    """A predictor that counts its runs (the page's only way to the model)."""
+
+    def __init__(self, run):
+        self.run, self.runtime, self.calls = run, run.runtime, []
+
+    def __call__(self, paths):
+        self.calls.append(len(paths))
+        return self.run(paths)
+
+
 @pytest.fixture(scope="module")
-def served(tiny_archive, tiny_checkpoint):
-    """(server, inspector, calls): the tiny model behind the page; ``calls`` counts its runs."""
-    import app
+def served(tiny_archive, tiny_checkpoint, images):
+    """(server, service, calls): the tiny model behind the page, ``images`` shared; ``calls``
+    counts the model's runs."""
     import predict
+    from utils.service import Service
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
                                str(tiny_archive), "--device", "cpu", "--batch_size", "2",
                                "--num_workers", "0"])
-    run, calls = predictor_of(args), []
-
-    def counted(paths):  # the page's only way to the model
-        calls.append(len(paths))
-        return run(paths)
-    inspector = app.Inspector(counted, threshold=0.5, description="tiny")
-    server = Server(inspector)
-    yield server, inspector, calls
+    counted = Counted(predictor_of(args))
+    service = Service(counted, folders=[images], threshold=0.5, description="tiny")
+    server = Server(service)
+    yield server, service, counted.calls
     server.stop()
-    assert not inspector.root.exists()  # the uploads are removed when the server stops
+    assert not service.root.exists()  # the uploads are removed when the server stops
 
 
 @pytest.fixture(scope="module")
@@ -86,42 +94,6 @@ def images(tmp_path_factory):
     (d / "notes.txt").write_text("not an image")
     (d / "empty.png").write_bytes(b"")
     return d
-
-
-def request(url, form=None):
-    """(status, body bytes) of a GET, or of a multipart POST of ``form``: [(name, value)], a
-    value being a str or a Path (sent as a file)."""
-    data, headers = None, {}
-    if form is not None:
-        boundary = "----vcp-test-boundary"
-        parts = []
-        for name, value in form:
-            if isinstance(value, Path):
-                head = (f'Content-Disposition: form-data; name="{name}"; '
-                        f'filename="{value.name}"\r\nContent-Type: application/octet-stream')
-                body = value.read_bytes()
-            else:
-                head, body = f'Content-Disposition: form-data; name="{name}"', value.encode()
-            parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + body + b"\r\n")
-        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def run_job(url, form) -> dict:
-    status, body = request(url + "/api/jobs", form)
-    assert status == 200, body
-    job = json.loads(body)["job"]
-    for _ in range(600):
-        status = json.loads(request(f"{url}/api/jobs/{job}")[1])
-        if status["finished"]:
-            return {"id": job, **status}
-        time.sleep(0.05)
-    raise TimeoutError(job)
 
 
 def expected_map(path, tiny_archive, tiny_checkpoint):
@@ -142,38 +114,44 @@ def expected_map(path, tiny_archive, tiny_checkpoint):
 
 # ---- endpoints over HTTP -------------------------------------------------------------------
 def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_checkpoint):
-    server, inspector, calls = served
-    url = server.url
-    job = run_job(url, [("kind", "inspect"), ("images", images / "wide.png"),
-                        ("images", images / "notes.txt"), ("images", images / "empty.png"),
-                        ("images", images / "deep.tif"), ("images", images / "wide.png")])
+    server, service, calls = served
+    client = Client(server.url)
+    job = client.run_job([("kind", "inspect"), ("images", images / "wide.png"),
+                          ("images", images / "notes.txt"), ("images", images / "empty.png"),
+                          ("images", images / "deep.tif"), ("images", images / "wide.png")])
     assert job["error"] is None and job["total"] == job["done"] == 5
+    assert job["state"] == "finished"
     assert [r["name"] for r in job["results"]] == ["wide.png", "deep.tif", "wide.png"]
     assert sorted(s["name"] for s in job["skipped"]) == ["empty.png", "notes.txt"]
+    assert all(str(service.root) not in s["reason"] for s in job["skipped"])
     wide = job["results"][0]
     amap = expected_map(images / "wide.png", tiny_archive, tiny_checkpoint)
     assert wide["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-5)
 
     # image, overlay and mask at the input's size; the mask is the kept map above T
     from utils.outputs import binary_mask, full_size
-    base = f"{url}/api/jobs/{job['id']}"
-    shown = lambda path: np.asarray(Image.open(io.BytesIO(request(base + path)[1])))
+    base = f"/api/jobs/{job['id']}"
+    shown = lambda path: np.asarray(Image.open(io.BytesIO(client.request(base + path)[1])))
     assert shown("/image/3.png").shape == (30, 30, 3)  # the 16-bit TIFF, as 8-bit RGB
     assert shown("/overlay/0.png").shape == (48, 64, 3)
+    assert shown("/overlay/0.png?side=32").shape == (24, 32, 3)  # a thumbnail
     runs = len(calls)
     t = float(np.median(amap))
     mask = shown(f"/mask/0.png?threshold={t}")
-    kept = inspector.jobs[job["id"]].item(0).amap
+    kept = service.jobs[job["id"]].item(0).amap
     assert np.abs(kept - amap).max() < 1e-5
     assert np.array_equal(mask, binary_mask(full_size(kept, (64, 48)), t))
     assert 0 < (mask > 0).mean() < 1
-    with zipfile.ZipFile(io.BytesIO(request(f"{base}/masks.zip?threshold={t}")[1])) as z:
+    with zipfile.ZipFile(io.BytesIO(client.request(f"{base}/masks.zip?threshold={t}")[1])) as z:
         assert sorted(z.namelist()) == ["masks/deep.png", "masks/wide.png", "masks/wide_1.png"]
         assert np.array_equal(np.asarray(Image.open(z.open("masks/wide.png"))), mask)
-    rows = list(csv.DictReader(io.StringIO(request(base + "/scores.csv")[1].decode())))
+    rows = list(csv.DictReader(io.StringIO(client.request(base + "/scores.csv")[1].decode())))
     assert [r["path"] for r in rows] == ["wide.png", "deep.tif", "wide.png"]
     assert rows[0]["max_pixel_score"] == rows[2]["max_pixel_score"]
     assert float(rows[0]["max_pixel_score"]) == pytest.approx(wide["max_pixel_score"])
+    status, data = client.json(base + "/map/0")  # the map the page draws contours from
+    sent = np.frombuffer(base64.b64decode(data["data"]), "<f4")
+    assert np.array_equal(sent.reshape(data["height"], data["width"]), kept)
     assert len(calls) == runs  # masks at new thresholds never run the model again
 
     # bad requests: a message, and the server keeps serving
@@ -183,31 +161,32 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
             ([("kind", "calibrate"), ("normal", images / "wide.png"),
               ("false_alarm_rate", "2")], "false-alarm rate"),
             ([("kind", "paint")], "kind")]:
-        status, body = request(url + "/api/jobs", form)
-        assert status == 400 and message in json.loads(body)["error"]
-    assert request(f"{base}/mask/0.png?threshold=high")[0] == 400
-    assert request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
-    assert request(f"{url}/api/jobs/999")[0] == 404
-    only_bad = run_job(url, [("kind", "inspect"), ("images", images / "notes.txt")])
+        status, body = client.json("/api/jobs", form=form)
+        assert status == 400 and message in body["error"]
+    assert client.request(f"{base}/mask/0.png?threshold=high")[0] == 400
+    assert client.request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
+    assert client.request("/api/jobs/999")[0] == 404
+    assert Client(server.url).request(base)[0] == 404  # another client: not its job
+    only_bad = client.run_job([("kind", "inspect"), ("images", images / "notes.txt")])
     assert only_bad["results"] == [] and len(only_bad["skipped"]) == 1
-    assert request(url + "/")[0] == 200
+    assert client.request("/")[0] == 200
 
 
 def test_calibrate_job(served, images):
     from utils.calibration import threshold_for
-    url = served[0].url
-    inspected = run_job(url, [("kind", "inspect"), ("images_folder", str(images))])
+    client = Client(served[0].url)
+    inspected = client.run_job([("kind", "inspect"), ("images_folder", str(images))])
     scores = {r["name"].rsplit("/", 1)[1]: r["max_pixel_score"] for r in inspected["results"]}
     assert sorted(scores) == ["deep.tif", "tall.jpg", "wide.png"]  # a folder: images only
-    job = run_job(url, [("kind", "calibrate"), ("false_alarm_rate", "0.5"),
-                        ("normal", images / "wide.png"), ("normal", images / "deep.tif"),
-                        ("normal", images / "notes.txt"), ("defective", images / "tall.jpg")])
+    job = client.run_job([("kind", "calibrate"), ("false_alarm_rate", "0.5"),
+                          ("normal", images / "wide.png"), ("normal", images / "deep.tif"),
+                          ("normal", images / "notes.txt"), ("defective", images / "tall.jpg")])
     cal = job["calibration"]
     normal = [scores["wide.png"], scores["deep.tif"]]
     assert cal["threshold"] == pytest.approx(threshold_for(normal, 0.5))
     assert cal["recall"] == float(scores["tall.jpg"] > cal["threshold"])
     assert [s["name"] for s in job["skipped"]] == ["notes.txt"]
-    failed = run_job(url, [("kind", "calibrate"), ("normal", images / "notes.txt")])
+    failed = client.run_job([("kind", "calibrate"), ("normal", images / "notes.txt")])
     assert "none of the normal images" in failed["error"]
 
 
@@ -241,9 +220,10 @@ def test_reference_scoring_as_predict(tmp_path, images, tiny_archive, tiny_check
     with open(tmp_path / "out" / "scores.csv") as f:
         expected = {r["path"].rsplit("/", 1)[1]: float(r["max_pixel_score"])
                     for r in csv.DictReader(f)}
-    server = Server(app.Inspector(predictor_of(app.parse_args(model))))
+    from utils.service import Service
+    server = Server(Service(predictor_of(app.parse_args(model))))
     try:
-        job = run_job(server.url, [("kind", "inspect"), ("images", images / "tall.jpg"),
+        job = Client(server.url).run_job([("kind", "inspect"), ("images", images / "tall.jpg"),
                                    ("images", images / "deep.tif")])
     finally:
         server.stop()
@@ -368,7 +348,7 @@ def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
 
 @pytest.mark.browser
 def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoint):
-    server, inspector, calls = served
+    server, service, calls = served
     driver = start_browser()
     try:
         from selenium.webdriver.common.by import By

@@ -14,9 +14,17 @@ from utils.images import read_rgb
 from utils.prediction import Prediction
 from utils.visualize import heatmap_overlay, write_png
 
-__all__ = ["SCORE_FIELDS", "full_size", "overlay", "binary_mask", "scores_csv", "OutputWriter"]
+__all__ = ["SCORE_FIELDS", "capped_size", "full_size", "overlay", "binary_mask", "scores_csv",
+           "OutputWriter"]
 
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
+
+
+def capped_size(size: tuple[int, int], side: float) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so that neither is over ``side``."""
+    scale = min(1.0, side / max(size))
+    return size if scale == 1.0 else (max(1, round(size[0] * scale)),
+                                      max(1, round(size[1] * scale)))
 
 
 def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
