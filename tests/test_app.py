@@ -190,6 +190,50 @@ def test_calibrate_job(served, images):
     assert "none of the normal images" in failed["error"]
 
 
+def test_the_line_api(served, images):
+    """POST /api/v1/predict answers each image at once, as a job of the page scores it."""
+    from utils.outputs import binary_mask, full_size
+    from utils.web import rle
+    server, service, _ = served
+    client = Client(server.url)
+    form = [("images", images / "wide.png"), ("images", images / "notes.txt"),
+            ("images", images / "tall.jpg")]
+    job = client.run_job([("kind", "inspect"), *form])
+    scores = {r["name"]: r["max_pixel_score"] for r in job["results"]}
+    t = float(np.mean(list(scores.values())))
+    kept = service.jobs[job["id"]].item(0).amap
+    held = set(service.jobs)
+    for mask in ("png", "rle"):
+        status, body = client.json("/api/v1/predict", form=[*form, ("threshold", str(t)),
+                                                            ("mask", mask)])
+        assert status == 200 and body["threshold"] == t
+        wide, notes, tall = body["images"]
+        assert [wide["name"], notes["name"], tall["name"]] == ["wide.png", "notes.txt",
+                                                               "tall.jpg"]
+        assert "cannot read it" in notes["skipped"] and "image_score" not in notes
+        for answer in (wide, tall):
+            assert answer["max_pixel_score"] == pytest.approx(scores[answer["name"]])
+            assert answer["verdict"] == ("NG" if scores[answer["name"]] > t else "OK")
+        expected = binary_mask(full_size(kept, (64, 48)), t)
+        if mask == "png":
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(wide["mask"]))))
+            assert np.array_equal(got, expected)
+        else:
+            assert wide["mask"] == rle(expected) and sum(wide["mask"]["counts"]) == 64 * 48
+    assert rle(np.array([[255, 255, 0], [0, 0, 255]])) == {"size": [2, 3], "counts": [0, 2, 3, 1]}
+    status, body = client.json("/api/v1/predict", form=[("images", images / "wide.png")])
+    assert status == 200 and "mask" not in body["images"][0]
+    assert client.json("/api/v1/predict", form=[("threshold", "0.5")])[0] == 400
+    too_many = [("images", images / "wide.png")] * (service.limits.sync_images + 1)
+    status, body = client.json("/api/v1/predict", form=too_many)
+    assert status == 413 and "at most 16" in body["error"]
+    assert set(service.jobs) == held  # each call's job is dropped once answered
+    status, spec = client.json("/api/v1/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    assert "multipart/form-data" in spec["paths"]["/api/v1/predict"]["post"]["requestBody"][
+        "content"]
+
+
 def test_command_line_errors(tmp_path, tiny_archive, capsys):
     import app
     taken = app.listen("127.0.0.1", 0)
