@@ -73,7 +73,7 @@ class Limits:
     folder_entries: int = 20_000  # entries looked at in one server folder
     folder_seconds: float = 5.0  # time to list one server folder
     sync_images: int = 16  # images of one synchronous API call
-    output_side: int = 4096  # longest side of an image, overlay or mask that is rendered
+    output_side: int = 2048  # longest side of an image, overlay or mask that is rendered
 
 
 class LimitError(UsageError):
@@ -268,7 +268,7 @@ class Job:
         preview = self.folder / "previews" / f"{index}.png"
         preview.parent.mkdir(parents=True, exist_ok=True)
         image = read_rgb(path)
-        image = image.resize(capped_size(size, side), Image.BILINEAR)
+        image = image.reduce(max(size) // side).resize(capped_size(size, side), Image.BILINEAR)
         image.save(preview, compress_level=1)
         self.disk += preview.stat().st_size
         return preview

@@ -60,7 +60,7 @@ class Client:
         status, body = self.request(path, **kwargs)
         return status, json.loads(body)
 
-    def run_job(self, form, timeout: float = 120) -> dict:
+    def run_job(self, form, timeout: float = 120, poll: float = 0.02) -> dict:
         """Post a job and poll it (incrementally, as the page does) until it is over."""
         status, body = self.json("/api/jobs", form=form)
         assert status == 200, body
@@ -74,5 +74,5 @@ class Client:
             skipped += s["skipped"]
             if s["finished"]:
                 return {**s, "id": job, "results": results, "skipped": skipped}
-            time.sleep(0.02)
+            time.sleep(poll)
         raise TimeoutError(job)
