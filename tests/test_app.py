@@ -337,38 +337,77 @@ def slider_step(driver) -> float:
     return float(driver.find_element(By.ID, "threshold").get_attribute("step"))
 
 
-def mask_threshold(img) -> float:
-    return float(img.get_attribute("src").rsplit("threshold=", 1)[1])
+PICTURE_REQUESTS_JS = """
+return performance.getEntriesByType('resource')
+  .filter((e) => /\\/(overlay|mask|image|map)\\//.test(e.name)).length;
+"""
+
+CONTOUR_JS = """
+const c = document.getElementById('contour'), img = state.image;
+if (!img || !c.width) return -1;  // not drawn yet
+const plain = document.createElement('canvas');
+plain.width = c.width; plain.height = c.height;
+plain.getContext('2d').drawImage(img, 0, 0);
+const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+const b = plain.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0;
+for (let i = 0; i < a.length; i += 4) n += a[i] !== b[i] || a[i + 1] !== b[i + 1];
+return n;
+"""
+
+
+def rows(driver) -> list[dict]:
+    """The gallery's rows as the page shows them."""
+    from selenium.webdriver.common.by import By
+    out = []
+    for tr in driver.find_elements(By.CSS_SELECTOR, "#rows tr"):
+        cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        out.append({"index": int(cells[0]), "name": cells[2], "image_score": float(cells[3]),
+                    "max_pixel_score": float(cells[4]), "verdict": cells[5], "element": tr})
+    return out
+
+
+def upload(driver, url, image_paths, count=None):
+    """Open the page, upload the images, wait until ``count`` (default: all) have a row."""
+    from selenium.webdriver.common.by import By
+    driver.get(url)
+    driver.execute_script("performance.setResourceTimingBufferSize(100000)")
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
+    driver.find_element(By.ID, "run").click()
+    n = len(image_paths) if count is None else count
+    wait(driver, lambda d: d.find_element(By.ID, "cancel").get_attribute("hidden") is not None
+         and f"of {n} images at T" in d.find_element(By.ID, "alarm-count").text,
+         f"{n} results", timeout=120)
+
+
+def shown_t(driver) -> float:
+    from selenium.webdriver.common.by import By
+    return float(driver.find_element(By.ID, "threshold-value").get_attribute("value"))
+
+
+def move_slider(driver, presses: int) -> float:
+    """Press an arrow key on the slider ``presses`` times (negative: down); the new T."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    driver.find_element(By.ID, "threshold").send_keys(
+        (Keys.ARROW_RIGHT if presses > 0 else Keys.ARROW_LEFT) * abs(presses))
+    return shown_t(driver)
 
 
 def drive(driver, url, image_paths, steps, out=None):
-    """Upload the images, wait for their cards, move the threshold slider with the arrow keys
-    (``steps(driver)`` presses, negative: down). Returns the cards and the threshold the page
-    shows then; with ``out`` saves screenshots there."""
+    """Upload the images, open the first one, move the slider ``steps(driver)`` presses; with
+    ``out`` saves screenshots there. Returns the rows and the T the page shows."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    driver.get(url)
-    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
-    driver.find_element(By.ID, "run").click()
-    cards = wait(driver, lambda d: (lambda c: c if len(c) == len(image_paths) and all(
-        loaded(d, i) for card in c for i in card.find_elements(By.TAG_NAME, "img")) else None)(
-        d.find_elements(By.CSS_SELECTOR, "#results .card")), "the cards and their images")
-    shown_t = lambda d: float(d.find_element(By.ID, "threshold-value").get_attribute("value"))
-    first, n = shown_t(driver), steps(driver)
-    driver.find_element(By.ID, "threshold").send_keys(
-        (Keys.ARROW_RIGHT if n > 0 else Keys.ARROW_LEFT) * abs(n))
-    t = first
-
-    def masks_at_new_t(d):
-        nonlocal t
-        t = shown_t(d)
-        return t != first and all(mask_threshold(m) == t and loaded(d, m) for m in
-                   (card.find_element(By.CSS_SELECTOR, "img.mask") for card in cards))
-    wait(driver, masks_at_new_t, "masks at the new threshold")
+    upload(driver, url, image_paths)
+    rows(driver)[0]["element"].click()
+    wait(driver, lambda d: loaded(d, d.find_element(By.ID, "detail-overlay"))
+         and d.execute_script("return document.getElementById('contour').width") > 0,
+         "the first image's view")
+    t = move_slider(driver, steps(driver))
     if out:
         driver.execute_script("window.scrollTo(0, 0)")
         screenshot(driver.find_element(By.TAG_NAME, "body"), Path(out) / "app_inspect.png")
-    return cards, t
+    return rows(driver), t
 
 
 def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
@@ -397,29 +436,29 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
     try:
         from selenium.webdriver.common.by import By
         from utils.images import read_rgb
-        from utils.outputs import binary_mask, full_size, overlay
+        from utils.outputs import full_size, overlay
         uploads = [images / "wide.png", images / "tall.jpg"]
         amaps = [expected_map(path, tiny_archive, tiny_checkpoint) for path in uploads]
-        # from the first T (0.5) to about the maps' median, so that the masks are partial
+        # from the first T (0.5) to about the maps' median, so that the contours are partial
         steps = lambda d: round((np.median(amaps) - 0.5) / slider_step(d)) or -1
-        cards, t = drive(driver, server.url, uploads, steps, out=tmp_path)
+        shown, t = drive(driver, server.url, uploads, steps, out=tmp_path)
         runs = len(calls)
         assert np.min(amaps) < t < np.max(amaps)  # T moved into the maps' range
-        for card, path, amap in zip(cards, uploads, amaps):
-            assert card.find_element(By.CLASS_NAME, "title").text == path.name
-            image = np.asarray(read_rgb(path))
-            full = full_size(amap, image.shape[1::-1])
-            shown = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.overlay"))
-            # the page's overlay is the heat map of the oracle's map over the image
-            assert np.abs(shown.astype(int) - overlay(image, full)).max() <= 1
-            mask = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.mask"))[..., 0]
-            expected = binary_mask(full, t)
-            assert (mask != expected).mean() < 0.01  # pixels within 1e-6 of T may differ
-            assert 0 < (mask > 0).mean() < 1
-            alarm = "alarm" in card.get_attribute("class").split()
-            assert alarm == bool(amap.max() > t)
-        count = driver.find_element(By.ID, "alarm-count").text
-        assert count.endswith("of 2 images have pixels above T")
+        for row, path, amap in zip(shown, uploads, amaps):
+            assert row["name"] == path.name
+            assert row["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-4)
+            assert row["verdict"] == ("NG" if amap.max() > t else "OK")
+        # the view of the first image: the page's heat map is the oracle's map over the image
+        image = np.asarray(read_rgb(uploads[0]))
+        shown_overlay = pixels(driver, driver.find_element(By.ID, "detail-overlay"))
+        expected = overlay(image, full_size(amaps[0], image.shape[1::-1]))
+        assert np.abs(shown_overlay.astype(int) - expected).max() <= 1
+        # the contour of map > T drawn over the image: pixels at a T inside the map, none above
+        assert driver.execute_script(CONTOUR_JS) > 0 or amaps[0].max() <= t
+        box = driver.find_element(By.ID, "threshold-value")
+        box.clear()
+        box.send_keys(f"{amaps[0].max() + 0.01:.4f}\n")
+        wait(driver, lambda d: d.execute_script(CONTOUR_JS) == 0, "no contour above the map")
         assert len(calls) == runs  # moving T did not run the model
 
         # calibration: T on the page is the quantile of the normal images' max pixel scores
@@ -432,15 +471,127 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
         assert "of 1 defective images above T" in text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#histogram rect")) == 60
         driver.find_element(By.ID, "cal-use").click()
-        wait(driver, lambda d: all(mask_threshold(c.find_element(By.CSS_SELECTOR, "img.mask"))
-                                   == pytest.approx(t_cal, abs=1e-6) for c in cards),
-             "the masks at the calibrated T")
+        wait(driver, lambda d: shown_t(d) == pytest.approx(t_cal, abs=1e-5), "the calibrated T")
         for shot in ("app_inspect.png", "app_calibrate.png"):
             assert Image.open(tmp_path / shot).size[0] > 600
     finally:
         driver.quit()
 
 
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """200 small images, a red stain on every third."""
+    d = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(1)
+    for k in range(200):
+        image = rng.integers(60, 140, (40, 48, 3), dtype=np.uint8)
+        if k % 3 == 0:
+            image[10:22, 12:26] = (250, 30, 30)
+        Image.fromarray(image).save(d / f"part_{k:03d}.png")
+    return sorted(d.iterdir())
+
+
+@pytest.mark.browser
+def test_a_gallery_of_200_images(served, many_images, tmp_path):
+    """Sort, filter and page 200 results; the slider changes verdicts with no request."""
+    from selenium.webdriver.common.by import By
+    server, service, calls = served
+    driver = start_browser()
+    try:
+        upload(driver, server.url, many_images)
+        scores = {r["name"]: r["max_pixel_score"] for r in service.jobs[
+            next(reversed(service.jobs))].status()["results"]}
+        assert len(scores) == 200 and len(rows(driver)) == 50  # a page of 50
+        assert "page 1 of 4" in driver.find_element(By.ID, "page-text").text
+        driver.find_element(By.CSS_SELECTOR, 'th[data-sort="max_pixel_score"]').click()
+        top = [r["max_pixel_score"] for r in rows(driver)]
+        assert top == sorted(top, reverse=True)
+        assert top[0] == pytest.approx(max(scores.values()), abs=1e-4)
+        driver.find_element(By.ID, "next").click()
+        assert rows(driver)[0]["max_pixel_score"] <= top[-1]
+
+        # 20 presses of the slider: the verdicts follow, with no request per image (the scores
+        # came once)
+        set_t = lambda t: (box.clear(), box.send_keys(f"{t:.7f}\n"))
+        box = driver.find_element(By.ID, "threshold-value")
+        median = float(np.median(list(scores.values())))
+        set_t(median)
+        before = driver.execute_script(PICTURE_REQUESTS_JS)
+        for presses in (10, -10):
+            t = move_slider(driver, presses)
+            ng = sum(s > t for s in scores.values())
+            assert driver.find_element(By.ID, "alarm-count").text == \
+                f"{ng} NG, {200 - ng} OK of 200 images at T"
+        assert driver.execute_script(PICTURE_REQUESTS_JS) == before
+        set_t(median)
+        driver.find_element(By.ID, "only-ng").click()
+        page = rows(driver)
+        assert len(page) == 50 and all(r["verdict"] == "NG" for r in page)
+        assert "(100 images shown)" in driver.find_element(By.ID, "page-text").text
+        assert driver.execute_script(PICTURE_REQUESTS_JS) - before <= 50  # new thumbnails only
+        rows(driver)[0]["element"].click()  # its view: the image with the contour at T
+        wait(driver, lambda d: d.execute_script(CONTOUR_JS) > 0, "the contour of the first NG")
+        driver.execute_script("window.scrollTo(0, 0)")
+        screenshot(driver.find_element(By.TAG_NAME, "body"), tmp_path / "app_gallery.png")
+        assert Image.open(tmp_path / "app_gallery.png").size[0] > 600
+    finally:
+        driver.quit()
+
+
+class Gated(Counted):
+    """The tiny model, each image waiting for ``gate`` to be open."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, paths):
+        for result in super().__call__(paths):
+            assert self.gate.wait(60)
+            yield result
+
+
+@pytest.mark.browser
+def test_a_cancelled_and_an_expired_job_on_the_page(tiny_archive, tiny_checkpoint, images):
+    import predict
+    from selenium.webdriver.common.by import By
+    from utils.service import Limits, Service
+    args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
+                               str(tiny_archive), "--device", "cpu", "--num_workers", "0"])
+    model = Gated(predictor_of(args))
+    # maps of three 56x56 images: a second user's job of two pushes a finished one out
+    service = Service(model, Limits(memory_bytes=3 * 4 * 56 * 56))
+    server = Server(service)
+    driver = start_browser()
+    messages = lambda d: d.find_element(By.ID, "messages").text
+    try:
+        model.gate.clear()
+        driver.get(server.url)
+        driver.find_element(By.ID, "files").send_keys(
+            "\n".join(str(images / n) for n in ("wide.png", "tall.jpg")))
+        driver.find_element(By.ID, "run").click()
+        wait(driver, lambda d: d.find_element(By.ID, "cancel").is_displayed(), "cancel button")
+        driver.find_element(By.ID, "cancel").click()
+        model.gate.set()
+        wait(driver, lambda d: "the job was cancelled" in messages(d), "the cancel message")
+
+        upload(driver, server.url, [images / "wide.png", images / "tall.jpg"])
+        other = Client(server.url)
+        model.gate.clear()  # the other user's job holds its room while it waits
+        status, body = other.json("/api/jobs", form=[("kind", "inspect"),
+                                                     ("images", images / "wide.png"),
+                                                     ("images", images / "deep.tif")])
+        assert status == 200
+        wait(driver, lambda d: "has expired" in messages(d), "the expired job's message", 20)
+        assert "run it again" in messages(driver)
+        model.gate.set()
+    finally:
+        driver.quit()
+        server.stop()
+
+
+@pytest.mark.browser
 def test_bad_input_on_the_page(served, images):
     driver = start_browser()
     try:
@@ -452,10 +603,11 @@ def test_bad_input_on_the_page(served, images):
         driver.find_element(By.ID, "files").send_keys(
             "\n".join(str(images / n) for n in ("notes.txt", "deep.tif")))
         driver.find_element(By.ID, "run").click()
-        wait(driver, lambda d: "skipped notes.txt" in d.find_element(By.ID, "messages").text,
-             "the non-image message")
-        card = driver.find_element(By.CSS_SELECTOR, "#results .card")
-        assert card.find_element(By.CLASS_NAME, "title").text == "deep.tif"
+        wait(driver, lambda d: "skipped notes.txt: cannot read it" in d.find_element(
+            By.ID, "messages").text, "the non-image message")
+        text = driver.find_element(By.ID, "messages").text
+        assert "cannot read it (cannot read it" not in text and "/tmp" not in text
+        wait(driver, lambda d: [r["name"] for r in rows(d)] == ["deep.tif"], "the one row")
     finally:
         driver.quit()
 
