@@ -49,7 +49,7 @@ from utils.distributed import World
 from utils.errors import OutputError, UsageError
 from utils.files import atomic_write
 from utils.images import expand_inputs, unique_names
-from utils.outputs import OutputWriter
+from utils.outputs import OUTPUTS, OutputWriter
 from utils.paths import DEFAULT_CHECKPOINT
 from utils.prediction import Prediction, Predictor, Skipped, check_groups
 
@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--num_workers", type=at_least(0), default=2)
+    p.add_argument("--max_output_side", type=at_least(16), default=4096,
+                   help="longest side of a written overlay or mask; larger images are scaled "
+                        "down to it (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --save_path (by default a "
+                        "folder that holds files is refused)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue a stopped run in --save_path after the images its "
                         f"{PROGRESS}/ lists (same inputs and flags; zero-shot scoring)")
@@ -165,9 +171,17 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
     if args.resume and strategy.patch_map:
         raise UsageError("--resume: --reference and --mutual fuse the maps folder by folder; "
                          "run them again whole")
+    stale = earlier_outputs(args)
+    run = predictor_of(args)  # a model or reference that fails to load leaves the folder as it was
+    shard.gather(None)  # every process has looked before any clears
+    if shard.main:
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     progress = Progress(args, paths, shard)
-    run = predictor_of(args)
-    writer = OutputWriter(args.save_path, args.threshold, args.save_maps)
+    writer = OutputWriter(args.save_path, args.threshold, args.save_maps, args.max_output_side)
     names = unique_names(paths)  # over all inputs: the same in every process
     mine = shard.indices(len(paths), args.batch_size)
     rows = {i: progress.rows[i] for i in mine if i in progress.rows}
@@ -200,6 +214,23 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
         writer.write_scores(rows)
     progress.close()
     return rows, failed
+
+
+def earlier_outputs(args: argparse.Namespace) -> list[Path]:
+    """What ``--overwrite`` clears in ``--save_path``; a folder that holds files is refused
+    without it (they would look like this run's), and with it where it holds other files."""
+    out = Path(args.save_path)
+    found = sorted(out.iterdir()) if out.is_dir() and not args.resume else []
+    others = [p.name for p in found if p.name not in OUTPUTS]
+    if found and not args.overwrite:
+        listed = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UsageError(f"--save_path {out} is not empty ({listed}): its files would look like "
+                         "this run's; choose a new folder, add --overwrite to replace an earlier "
+                         "run's outputs, or --resume to continue it")
+    if others:
+        raise UsageError(f"--overwrite: --save_path {out} holds files that predict.py does not "
+                         f"write ({', '.join(others[:3])}); choose a new folder")
+    return found
 
 
 def warn_skipped(skipped: Skipped) -> None:
@@ -284,7 +315,10 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:
         return fail(e)
     if shard.main:
-        print(f"{len(rows)} images segmented, {len(failed)} skipped")
+        print(f"{len(rows)} images segmented, {len(failed)} skipped; written in "
+              f"{Path(args.save_path).resolve()} (scores.csv, overlays/"
+              f"{', masks/' if args.threshold is not None else ''}"
+              f"{', maps/' if args.save_maps else ''})")
         for path in failed:
             print(f"  skipped: {path}")
     return 0 if rows else 1

@@ -8,15 +8,13 @@ Run as a script it drives the page of a running server and saves screenshots (th
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
-import json
 import shutil
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.http_client import Client
 from utils.cli import predictor_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +34,14 @@ DRIVERS = ("chromedriver",)
 
 # ---- a server on a free port, in this process (so the test can count model runs) -----------
 class Server:
-    def __init__(self, inspector):
+    def __init__(self, service, access=None):
         import uvicorn
 
         import app
+        from utils.web import Access, create_app
         self.sock = app.listen("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app.create_app(inspector),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service, access or Access()),
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
@@ -54,24 +54,32 @@ class Server:
         self.thread.join(10)
 
 
+class Counted:
+    """A predictor that counts its runs (the page's only way to the model)."""
+
+    def __init__(self, run):
+        self.run, self.runtime, self.calls = run, run.runtime, []
+
+    def __call__(self, paths):
+        self.calls.append(len(paths))
+        return self.run(paths)
+
+
 @pytest.fixture(scope="module")
-def served(tiny_archive, tiny_checkpoint):
-    """(server, inspector, calls): the tiny model behind the page; ``calls`` counts its runs."""
-    import app
+def served(tiny_archive, tiny_checkpoint, images):
+    """(server, service, calls): the tiny model behind the page, ``images`` shared; ``calls``
+    counts the model's runs."""
     import predict
+    from utils.service import Service
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
                                str(tiny_archive), "--device", "cpu", "--batch_size", "2",
                                "--num_workers", "0"])
-    run, calls = predictor_of(args), []
-
-    def counted(paths):  # the page's only way to the model
-        calls.append(len(paths))
-        return run(paths)
-    inspector = app.Inspector(counted, threshold=0.5, description="tiny")
-    server = Server(inspector)
-    yield server, inspector, calls
+    counted = Counted(predictor_of(args))
+    service = Service(counted, folders=[images], threshold=0.5, description="tiny")
+    server = Server(service)
+    yield server, service, counted.calls
     server.stop()
-    assert not inspector.root.exists()  # the uploads are removed when the server stops
+    assert not service.root.exists()  # the uploads are removed when the server stops
 
 
 @pytest.fixture(scope="module")
@@ -86,42 +94,6 @@ def images(tmp_path_factory):
     (d / "notes.txt").write_text("not an image")
     (d / "empty.png").write_bytes(b"")
     return d
-
-
-def request(url, form=None):
-    """(status, body bytes) of a GET, or of a multipart POST of ``form``: [(name, value)], a
-    value being a str or a Path (sent as a file)."""
-    data, headers = None, {}
-    if form is not None:
-        boundary = "----vcp-test-boundary"
-        parts = []
-        for name, value in form:
-            if isinstance(value, Path):
-                head = (f'Content-Disposition: form-data; name="{name}"; '
-                        f'filename="{value.name}"\r\nContent-Type: application/octet-stream')
-                body = value.read_bytes()
-            else:
-                head, body = f'Content-Disposition: form-data; name="{name}"', value.encode()
-            parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + body + b"\r\n")
-        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def run_job(url, form) -> dict:
-    status, body = request(url + "/api/jobs", form)
-    assert status == 200, body
-    job = json.loads(body)["job"]
-    for _ in range(600):
-        status = json.loads(request(f"{url}/api/jobs/{job}")[1])
-        if status["finished"]:
-            return {"id": job, **status}
-        time.sleep(0.05)
-    raise TimeoutError(job)
 
 
 def expected_map(path, tiny_archive, tiny_checkpoint):
@@ -142,38 +114,44 @@ def expected_map(path, tiny_archive, tiny_checkpoint):
 
 # ---- endpoints over HTTP -------------------------------------------------------------------
 def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_checkpoint):
-    server, inspector, calls = served
-    url = server.url
-    job = run_job(url, [("kind", "inspect"), ("images", images / "wide.png"),
-                        ("images", images / "notes.txt"), ("images", images / "empty.png"),
-                        ("images", images / "deep.tif"), ("images", images / "wide.png")])
+    server, service, calls = served
+    client = Client(server.url)
+    job = client.run_job([("kind", "inspect"), ("images", images / "wide.png"),
+                          ("images", images / "notes.txt"), ("images", images / "empty.png"),
+                          ("images", images / "deep.tif"), ("images", images / "wide.png")])
     assert job["error"] is None and job["total"] == job["done"] == 5
+    assert job["state"] == "finished"
     assert [r["name"] for r in job["results"]] == ["wide.png", "deep.tif", "wide.png"]
     assert sorted(s["name"] for s in job["skipped"]) == ["empty.png", "notes.txt"]
+    assert all(str(service.root) not in s["reason"] for s in job["skipped"])
     wide = job["results"][0]
     amap = expected_map(images / "wide.png", tiny_archive, tiny_checkpoint)
     assert wide["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-5)
 
     # image, overlay and mask at the input's size; the mask is the kept map above T
     from utils.outputs import binary_mask, full_size
-    base = f"{url}/api/jobs/{job['id']}"
-    shown = lambda path: np.asarray(Image.open(io.BytesIO(request(base + path)[1])))
+    base = f"/api/jobs/{job['id']}"
+    shown = lambda path: np.asarray(Image.open(io.BytesIO(client.request(base + path)[1])))
     assert shown("/image/3.png").shape == (30, 30, 3)  # the 16-bit TIFF, as 8-bit RGB
     assert shown("/overlay/0.png").shape == (48, 64, 3)
+    assert shown("/overlay/0.png?side=32").shape == (24, 32, 3)  # a thumbnail
     runs = len(calls)
     t = float(np.median(amap))
     mask = shown(f"/mask/0.png?threshold={t}")
-    kept = inspector.jobs[job["id"]].item(0).amap
+    kept = service.jobs[job["id"]].item(0).amap
     assert np.abs(kept - amap).max() < 1e-5
     assert np.array_equal(mask, binary_mask(full_size(kept, (64, 48)), t))
     assert 0 < (mask > 0).mean() < 1
-    with zipfile.ZipFile(io.BytesIO(request(f"{base}/masks.zip?threshold={t}")[1])) as z:
+    with zipfile.ZipFile(io.BytesIO(client.request(f"{base}/masks.zip?threshold={t}")[1])) as z:
         assert sorted(z.namelist()) == ["masks/deep.png", "masks/wide.png", "masks/wide_1.png"]
         assert np.array_equal(np.asarray(Image.open(z.open("masks/wide.png"))), mask)
-    rows = list(csv.DictReader(io.StringIO(request(base + "/scores.csv")[1].decode())))
+    rows = list(csv.DictReader(io.StringIO(client.request(base + "/scores.csv")[1].decode())))
     assert [r["path"] for r in rows] == ["wide.png", "deep.tif", "wide.png"]
     assert rows[0]["max_pixel_score"] == rows[2]["max_pixel_score"]
     assert float(rows[0]["max_pixel_score"]) == pytest.approx(wide["max_pixel_score"])
+    status, data = client.json(base + "/map/0")  # the map the page draws contours from
+    sent = np.frombuffer(base64.b64decode(data["data"]), "<f4")
+    assert np.array_equal(sent.reshape(data["height"], data["width"]), kept)
     assert len(calls) == runs  # masks at new thresholds never run the model again
 
     # bad requests: a message, and the server keeps serving
@@ -183,32 +161,77 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
             ([("kind", "calibrate"), ("normal", images / "wide.png"),
               ("false_alarm_rate", "2")], "false-alarm rate"),
             ([("kind", "paint")], "kind")]:
-        status, body = request(url + "/api/jobs", form)
-        assert status == 400 and message in json.loads(body)["error"]
-    assert request(f"{base}/mask/0.png?threshold=high")[0] == 400
-    assert request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
-    assert request(f"{url}/api/jobs/999")[0] == 404
-    only_bad = run_job(url, [("kind", "inspect"), ("images", images / "notes.txt")])
+        status, body = client.json("/api/jobs", form=form)
+        assert status == 400 and message in body["error"]
+    assert client.request(f"{base}/mask/0.png?threshold=high")[0] == 400
+    assert client.request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
+    assert client.request("/api/jobs/999")[0] == 404
+    assert Client(server.url).request(base)[0] == 404  # another client: not its job
+    only_bad = client.run_job([("kind", "inspect"), ("images", images / "notes.txt")])
     assert only_bad["results"] == [] and len(only_bad["skipped"]) == 1
-    assert request(url + "/")[0] == 200
+    assert client.request("/")[0] == 200
 
 
 def test_calibrate_job(served, images):
     from utils.calibration import threshold_for
-    url = served[0].url
-    inspected = run_job(url, [("kind", "inspect"), ("images_folder", str(images))])
+    client = Client(served[0].url)
+    inspected = client.run_job([("kind", "inspect"), ("images_folder", str(images))])
     scores = {r["name"].rsplit("/", 1)[1]: r["max_pixel_score"] for r in inspected["results"]}
     assert sorted(scores) == ["deep.tif", "tall.jpg", "wide.png"]  # a folder: images only
-    job = run_job(url, [("kind", "calibrate"), ("false_alarm_rate", "0.5"),
-                        ("normal", images / "wide.png"), ("normal", images / "deep.tif"),
-                        ("normal", images / "notes.txt"), ("defective", images / "tall.jpg")])
+    job = client.run_job([("kind", "calibrate"), ("false_alarm_rate", "0.5"),
+                          ("normal", images / "wide.png"), ("normal", images / "deep.tif"),
+                          ("normal", images / "notes.txt"), ("defective", images / "tall.jpg")])
     cal = job["calibration"]
     normal = [scores["wide.png"], scores["deep.tif"]]
     assert cal["threshold"] == pytest.approx(threshold_for(normal, 0.5))
     assert cal["recall"] == float(scores["tall.jpg"] > cal["threshold"])
     assert [s["name"] for s in job["skipped"]] == ["notes.txt"]
-    failed = run_job(url, [("kind", "calibrate"), ("normal", images / "notes.txt")])
+    failed = client.run_job([("kind", "calibrate"), ("normal", images / "notes.txt")])
     assert "none of the normal images" in failed["error"]
+
+
+def test_the_line_api(served, images):
+    """POST /api/v1/predict answers each image at once, as a job of the page scores it."""
+    from utils.outputs import binary_mask, full_size
+    from utils.web import rle
+    server, service, _ = served
+    client = Client(server.url)
+    form = [("images", images / "wide.png"), ("images", images / "notes.txt"),
+            ("images", images / "tall.jpg")]
+    job = client.run_job([("kind", "inspect"), *form])
+    scores = {r["name"]: r["max_pixel_score"] for r in job["results"]}
+    t = float(np.mean(list(scores.values())))
+    kept = service.jobs[job["id"]].item(0).amap
+    held = set(service.jobs)
+    for mask in ("png", "rle"):
+        status, body = client.json("/api/v1/predict", form=[*form, ("threshold", str(t)),
+                                                            ("mask", mask)])
+        assert status == 200 and body["threshold"] == t
+        wide, notes, tall = body["images"]
+        assert [wide["name"], notes["name"], tall["name"]] == ["wide.png", "notes.txt",
+                                                               "tall.jpg"]
+        assert "cannot read it" in notes["skipped"] and "image_score" not in notes
+        for answer in (wide, tall):
+            assert answer["max_pixel_score"] == pytest.approx(scores[answer["name"]])
+            assert answer["verdict"] == ("NG" if scores[answer["name"]] > t else "OK")
+        expected = binary_mask(full_size(kept, (64, 48)), t)
+        if mask == "png":
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(wide["mask"]))))
+            assert np.array_equal(got, expected)
+        else:
+            assert wide["mask"] == rle(expected) and sum(wide["mask"]["counts"]) == 64 * 48
+    assert rle(np.array([[255, 255, 0], [0, 0, 255]])) == {"size": [2, 3], "counts": [0, 2, 3, 1]}
+    status, body = client.json("/api/v1/predict", form=[("images", images / "wide.png")])
+    assert status == 200 and "mask" not in body["images"][0]
+    assert client.json("/api/v1/predict", form=[("threshold", "0.5")])[0] == 400
+    too_many = [("images", images / "wide.png")] * (service.limits.sync_images + 1)
+    status, body = client.json("/api/v1/predict", form=too_many)
+    assert status == 413 and "at most 16" in body["error"]
+    assert set(service.jobs) == held  # each call's job is dropped once answered
+    status, spec = client.json("/api/v1/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    assert "multipart/form-data" in spec["paths"]["/api/v1/predict"]["post"]["requestBody"][
+        "content"]
 
 
 def test_command_line_errors(tmp_path, tiny_archive, capsys):
@@ -241,9 +264,10 @@ def test_reference_scoring_as_predict(tmp_path, images, tiny_archive, tiny_check
     with open(tmp_path / "out" / "scores.csv") as f:
         expected = {r["path"].rsplit("/", 1)[1]: float(r["max_pixel_score"])
                     for r in csv.DictReader(f)}
-    server = Server(app.Inspector(predictor_of(app.parse_args(model))))
+    from utils.service import Service
+    server = Server(Service(predictor_of(app.parse_args(model))))
     try:
-        job = run_job(server.url, [("kind", "inspect"), ("images", images / "tall.jpg"),
+        job = Client(server.url).run_job([("kind", "inspect"), ("images", images / "tall.jpg"),
                                    ("images", images / "deep.tif")])
     finally:
         server.stop()
@@ -313,38 +337,77 @@ def slider_step(driver) -> float:
     return float(driver.find_element(By.ID, "threshold").get_attribute("step"))
 
 
-def mask_threshold(img) -> float:
-    return float(img.get_attribute("src").rsplit("threshold=", 1)[1])
+PICTURE_REQUESTS_JS = """
+return performance.getEntriesByType('resource')
+  .filter((e) => /\\/(overlay|mask|image|map)\\//.test(e.name)).length;
+"""
+
+CONTOUR_JS = """
+const c = document.getElementById('contour'), img = state.image;
+if (!img || !c.width) return -1;  // not drawn yet
+const plain = document.createElement('canvas');
+plain.width = c.width; plain.height = c.height;
+plain.getContext('2d').drawImage(img, 0, 0);
+const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+const b = plain.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0;
+for (let i = 0; i < a.length; i += 4) n += a[i] !== b[i] || a[i + 1] !== b[i + 1];
+return n;
+"""
+
+
+def rows(driver) -> list[dict]:
+    """The gallery's rows as the page shows them."""
+    from selenium.webdriver.common.by import By
+    out = []
+    for tr in driver.find_elements(By.CSS_SELECTOR, "#rows tr"):
+        cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        out.append({"index": int(cells[0]), "name": cells[2], "image_score": float(cells[3]),
+                    "max_pixel_score": float(cells[4]), "verdict": cells[5], "element": tr})
+    return out
+
+
+def upload(driver, url, image_paths, count=None):
+    """Open the page, upload the images, wait until ``count`` (default: all) have a row."""
+    from selenium.webdriver.common.by import By
+    driver.get(url)
+    driver.execute_script("performance.setResourceTimingBufferSize(100000)")
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
+    driver.find_element(By.ID, "run").click()
+    n = len(image_paths) if count is None else count
+    wait(driver, lambda d: d.find_element(By.ID, "cancel").get_attribute("hidden") is not None
+         and f"of {n} images at T" in d.find_element(By.ID, "alarm-count").text,
+         f"{n} results", timeout=120)
+
+
+def shown_t(driver) -> float:
+    from selenium.webdriver.common.by import By
+    return float(driver.find_element(By.ID, "threshold-value").get_attribute("value"))
+
+
+def move_slider(driver, presses: int) -> float:
+    """Press an arrow key on the slider ``presses`` times (negative: down); the new T."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    driver.find_element(By.ID, "threshold").send_keys(
+        (Keys.ARROW_RIGHT if presses > 0 else Keys.ARROW_LEFT) * abs(presses))
+    return shown_t(driver)
 
 
 def drive(driver, url, image_paths, steps, out=None):
-    """Upload the images, wait for their cards, move the threshold slider with the arrow keys
-    (``steps(driver)`` presses, negative: down). Returns the cards and the threshold the page
-    shows then; with ``out`` saves screenshots there."""
+    """Upload the images, open the first one, move the slider ``steps(driver)`` presses; with
+    ``out`` saves screenshots there. Returns the rows and the T the page shows."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    driver.get(url)
-    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
-    driver.find_element(By.ID, "run").click()
-    cards = wait(driver, lambda d: (lambda c: c if len(c) == len(image_paths) and all(
-        loaded(d, i) for card in c for i in card.find_elements(By.TAG_NAME, "img")) else None)(
-        d.find_elements(By.CSS_SELECTOR, "#results .card")), "the cards and their images")
-    shown_t = lambda d: float(d.find_element(By.ID, "threshold-value").get_attribute("value"))
-    first, n = shown_t(driver), steps(driver)
-    driver.find_element(By.ID, "threshold").send_keys(
-        (Keys.ARROW_RIGHT if n > 0 else Keys.ARROW_LEFT) * abs(n))
-    t = first
-
-    def masks_at_new_t(d):
-        nonlocal t
-        t = shown_t(d)
-        return t != first and all(mask_threshold(m) == t and loaded(d, m) for m in
-                   (card.find_element(By.CSS_SELECTOR, "img.mask") for card in cards))
-    wait(driver, masks_at_new_t, "masks at the new threshold")
+    upload(driver, url, image_paths)
+    rows(driver)[0]["element"].click()
+    wait(driver, lambda d: loaded(d, d.find_element(By.ID, "detail-overlay"))
+         and d.execute_script("return document.getElementById('contour').width") > 0,
+         "the first image's view")
+    t = move_slider(driver, steps(driver))
     if out:
         driver.execute_script("window.scrollTo(0, 0)")
         screenshot(driver.find_element(By.TAG_NAME, "body"), Path(out) / "app_inspect.png")
-    return cards, t
+    return rows(driver), t
 
 
 def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
@@ -368,34 +431,34 @@ def calibrate_on_page(driver, normal, defective, rate: str, out=None) -> str:
 
 @pytest.mark.browser
 def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoint):
-    server, inspector, calls = served
+    server, service, calls = served
     driver = start_browser()
     try:
         from selenium.webdriver.common.by import By
         from utils.images import read_rgb
-        from utils.outputs import binary_mask, full_size, overlay
+        from utils.outputs import full_size, overlay
         uploads = [images / "wide.png", images / "tall.jpg"]
         amaps = [expected_map(path, tiny_archive, tiny_checkpoint) for path in uploads]
-        # from the first T (0.5) to about the maps' median, so that the masks are partial
+        # from the first T (0.5) to about the maps' median, so that the contours are partial
         steps = lambda d: round((np.median(amaps) - 0.5) / slider_step(d)) or -1
-        cards, t = drive(driver, server.url, uploads, steps, out=tmp_path)
+        shown, t = drive(driver, server.url, uploads, steps, out=tmp_path)
         runs = len(calls)
         assert np.min(amaps) < t < np.max(amaps)  # T moved into the maps' range
-        for card, path, amap in zip(cards, uploads, amaps):
-            assert card.find_element(By.CLASS_NAME, "title").text == path.name
-            image = np.asarray(read_rgb(path))
-            full = full_size(amap, image.shape[1::-1])
-            shown = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.overlay"))
-            # the page's overlay is the heat map of the oracle's map over the image
-            assert np.abs(shown.astype(int) - overlay(image, full)).max() <= 1
-            mask = pixels(driver, card.find_element(By.CSS_SELECTOR, "img.mask"))[..., 0]
-            expected = binary_mask(full, t)
-            assert (mask != expected).mean() < 0.01  # pixels within 1e-6 of T may differ
-            assert 0 < (mask > 0).mean() < 1
-            alarm = "alarm" in card.get_attribute("class").split()
-            assert alarm == bool(amap.max() > t)
-        count = driver.find_element(By.ID, "alarm-count").text
-        assert count.endswith("of 2 images have pixels above T")
+        for row, path, amap in zip(shown, uploads, amaps):
+            assert row["name"] == path.name
+            assert row["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-4)
+            assert row["verdict"] == ("NG" if amap.max() > t else "OK")
+        # the view of the first image: the page's heat map is the oracle's map over the image
+        image = np.asarray(read_rgb(uploads[0]))
+        shown_overlay = pixels(driver, driver.find_element(By.ID, "detail-overlay"))
+        expected = overlay(image, full_size(amaps[0], image.shape[1::-1]))
+        assert np.abs(shown_overlay.astype(int) - expected).max() <= 1
+        # the contour of map > T drawn over the image: pixels at a T inside the map, none above
+        assert driver.execute_script(CONTOUR_JS) > 0 or amaps[0].max() <= t
+        box = driver.find_element(By.ID, "threshold-value")
+        box.clear()
+        box.send_keys(f"{amaps[0].max() + 0.01:.4f}\n")
+        wait(driver, lambda d: d.execute_script(CONTOUR_JS) == 0, "no contour above the map")
         assert len(calls) == runs  # moving T did not run the model
 
         # calibration: T on the page is the quantile of the normal images' max pixel scores
@@ -408,15 +471,127 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
         assert "of 1 defective images above T" in text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#histogram rect")) == 60
         driver.find_element(By.ID, "cal-use").click()
-        wait(driver, lambda d: all(mask_threshold(c.find_element(By.CSS_SELECTOR, "img.mask"))
-                                   == pytest.approx(t_cal, abs=1e-6) for c in cards),
-             "the masks at the calibrated T")
+        wait(driver, lambda d: shown_t(d) == pytest.approx(t_cal, abs=1e-5), "the calibrated T")
         for shot in ("app_inspect.png", "app_calibrate.png"):
             assert Image.open(tmp_path / shot).size[0] > 600
     finally:
         driver.quit()
 
 
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """200 small images, a red stain on every third."""
+    d = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(1)
+    for k in range(200):
+        image = rng.integers(60, 140, (40, 48, 3), dtype=np.uint8)
+        if k % 3 == 0:
+            image[10:22, 12:26] = (250, 30, 30)
+        Image.fromarray(image).save(d / f"part_{k:03d}.png")
+    return sorted(d.iterdir())
+
+
+@pytest.mark.browser
+def test_a_gallery_of_200_images(served, many_images, tmp_path):
+    """Sort, filter and page 200 results; the slider changes verdicts with no request."""
+    from selenium.webdriver.common.by import By
+    server, service, calls = served
+    driver = start_browser()
+    try:
+        upload(driver, server.url, many_images)
+        scores = {r["name"]: r["max_pixel_score"] for r in service.jobs[
+            next(reversed(service.jobs))].status()["results"]}
+        assert len(scores) == 200 and len(rows(driver)) == 50  # a page of 50
+        assert "page 1 of 4" in driver.find_element(By.ID, "page-text").text
+        driver.find_element(By.CSS_SELECTOR, 'th[data-sort="max_pixel_score"]').click()
+        top = [r["max_pixel_score"] for r in rows(driver)]
+        assert top == sorted(top, reverse=True)
+        assert top[0] == pytest.approx(max(scores.values()), abs=1e-4)
+        driver.find_element(By.ID, "next").click()
+        assert rows(driver)[0]["max_pixel_score"] <= top[-1]
+
+        # 20 presses of the slider: the verdicts follow, with no request per image (the scores
+        # came once)
+        set_t = lambda t: (box.clear(), box.send_keys(f"{t:.7f}\n"))
+        box = driver.find_element(By.ID, "threshold-value")
+        median = float(np.median(list(scores.values())))
+        set_t(median)
+        before = driver.execute_script(PICTURE_REQUESTS_JS)
+        for presses in (10, -10):
+            t = move_slider(driver, presses)
+            ng = sum(s > t for s in scores.values())
+            assert driver.find_element(By.ID, "alarm-count").text == \
+                f"{ng} NG, {200 - ng} OK of 200 images at T"
+        assert driver.execute_script(PICTURE_REQUESTS_JS) == before
+        set_t(median)
+        driver.find_element(By.ID, "only-ng").click()
+        page = rows(driver)
+        assert len(page) == 50 and all(r["verdict"] == "NG" for r in page)
+        assert "(100 images shown)" in driver.find_element(By.ID, "page-text").text
+        assert driver.execute_script(PICTURE_REQUESTS_JS) - before <= 50  # new thumbnails only
+        rows(driver)[0]["element"].click()  # its view: the image with the contour at T
+        wait(driver, lambda d: d.execute_script(CONTOUR_JS) > 0, "the contour of the first NG")
+        driver.execute_script("window.scrollTo(0, 0)")
+        screenshot(driver.find_element(By.TAG_NAME, "body"), tmp_path / "app_gallery.png")
+        assert Image.open(tmp_path / "app_gallery.png").size[0] > 600
+    finally:
+        driver.quit()
+
+
+class Gated(Counted):
+    """The tiny model, each image waiting for ``gate`` to be open."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, paths):
+        for result in super().__call__(paths):
+            assert self.gate.wait(60)
+            yield result
+
+
+@pytest.mark.browser
+def test_a_cancelled_and_an_expired_job_on_the_page(tiny_archive, tiny_checkpoint, images):
+    import predict
+    from selenium.webdriver.common.by import By
+    from utils.service import Limits, Service
+    args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
+                               str(tiny_archive), "--device", "cpu", "--num_workers", "0"])
+    model = Gated(predictor_of(args))
+    # maps of three 56x56 images: a second user's job of two pushes a finished one out
+    service = Service(model, Limits(memory_bytes=3 * 4 * 56 * 56))
+    server = Server(service)
+    driver = start_browser()
+    messages = lambda d: d.find_element(By.ID, "messages").text
+    try:
+        model.gate.clear()
+        driver.get(server.url)
+        driver.find_element(By.ID, "files").send_keys(
+            "\n".join(str(images / n) for n in ("wide.png", "tall.jpg")))
+        driver.find_element(By.ID, "run").click()
+        wait(driver, lambda d: d.find_element(By.ID, "cancel").is_displayed(), "cancel button")
+        driver.find_element(By.ID, "cancel").click()
+        model.gate.set()
+        wait(driver, lambda d: "the job was cancelled" in messages(d), "the cancel message")
+
+        upload(driver, server.url, [images / "wide.png", images / "tall.jpg"])
+        other = Client(server.url)
+        model.gate.clear()  # the other user's job holds its room while it waits
+        status, body = other.json("/api/jobs", form=[("kind", "inspect"),
+                                                     ("images", images / "wide.png"),
+                                                     ("images", images / "deep.tif")])
+        assert status == 200
+        wait(driver, lambda d: "has expired" in messages(d), "the expired job's message", 20)
+        assert "run it again" in messages(driver)
+        model.gate.set()
+    finally:
+        driver.quit()
+        server.stop()
+
+
+@pytest.mark.browser
 def test_bad_input_on_the_page(served, images):
     driver = start_browser()
     try:
@@ -428,10 +603,11 @@ def test_bad_input_on_the_page(served, images):
         driver.find_element(By.ID, "files").send_keys(
             "\n".join(str(images / n) for n in ("notes.txt", "deep.tif")))
         driver.find_element(By.ID, "run").click()
-        wait(driver, lambda d: "skipped notes.txt" in d.find_element(By.ID, "messages").text,
-             "the non-image message")
-        card = driver.find_element(By.CSS_SELECTOR, "#results .card")
-        assert card.find_element(By.CLASS_NAME, "title").text == "deep.tif"
+        wait(driver, lambda d: "skipped notes.txt: cannot read it" in d.find_element(
+            By.ID, "messages").text, "the non-image message")
+        text = driver.find_element(By.ID, "messages").text
+        assert "cannot read it (cannot read it" not in text and "/tmp" not in text
+        wait(driver, lambda d: [r["name"] for r in rows(d)] == ["deep.tif"], "the one row")
     finally:
         driver.quit()
 

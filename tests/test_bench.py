@@ -28,3 +28,15 @@ def test_benchmark_smoke(script):
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.fullmatch(r"speedup: \d+(\.\d)?x", run.stdout.strip().splitlines()[-1])
+
+
+def test_service_load_smoke():
+    """The service's load run, small: every job and call comes back, none lost or failed."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "service_load.py"), "--clients",
+                          "3", "--jobs", "2", "--api_clients", "2", "--api_calls", "2", "--big",
+                          "1500"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1] == "lost: 0, failed: 0"
+    assert "page jobs: 6 done" in run.stdout and "API calls: 4 done" in run.stdout
+    assert re.search(r"1500x1500 upload.*peak RSS \d+\.\d\d GiB", run.stdout)

@@ -77,9 +77,34 @@ def test_map_is_the_unnormalized_smoothed_blend(tmp_path, folder, tiny_archive, 
 def test_globs_and_nothing_readable(tmp_path, folder, tiny_archive, tiny_checkpoint, capsys):
     assert run(tmp_path, tiny_archive, tiny_checkpoint, str(folder / "*.jpg")) == 0
     assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["b.png"]
-    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "f_corrupt.png") == 1
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "f_corrupt.png",
+               "--overwrite") == 1
     assert run(tmp_path, tiny_archive, tiny_checkpoint, tmp_path / "nothing*.png") == 2
     assert "nothing*.png" in capsys.readouterr().err
+
+
+def test_a_used_output_folder_is_refused_or_cleared_and_outputs_are_capped(
+        tmp_path, folder, tiny_archive, tiny_checkpoint, capsys):
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.full((300, 200, 3), 90, np.uint8)).save(big / "large.png")
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, big, "--threshold", "0.5",
+               "--max_output_side", "100") == 0
+    out = tmp_path / "out"
+    assert f"written in {out.resolve()} (scores.csv, overlays/, masks/)" in capsys.readouterr().out
+    for kind in ("overlays", "masks"):  # scaled down to 100 px a side, the aspect kept
+        assert Image.open(out / kind / "large.png").size == (67, 100)
+    # a second run into the same folder would leave large.png looking like its output
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png") == 2
+    err = capsys.readouterr().err
+    assert "--save_path" in err and "is not empty" in err and "--overwrite" in err
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png", "--overwrite") == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png"]
+    assert not (out / "masks").exists()
+    (out / "mine.txt").write_text("the user's own file")
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png", "--overwrite") == 2
+    assert "does not write (mine.txt)" in capsys.readouterr().err
+    assert (out / "mine.txt").exists() and (out / "overlays" / "a.png").exists()
 
 
 @pytest.mark.subprocess
@@ -142,8 +167,8 @@ def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
     (folder / "a.png").write_bytes(b"")  # would be skipped if it were read again
     assert run(tmp_path, tiny_archive, tiny_checkpoint, *flags, "--resume") == 0
     (folder / "a.png").write_bytes(image)
-    assert capsys.readouterr().out == whole
     out, ref = tmp_path / "out", tmp_path / "whole" / "out"
+    assert capsys.readouterr().out == whole.replace(str(ref.resolve()), str(out.resolve()))
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
     assert not (out / "progress").exists()

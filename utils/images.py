@@ -46,7 +46,7 @@ def read_rgb(path: Path) -> Image.Image:
             a = np.asarray(im, dtype=np.float64)
             top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
             im = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8))
-        return im.convert("RGB")
+        return im if im.mode == "RGB" else im.convert("RGB")  # no copy of a big RGB image
 
 
 def unique_names(paths: list[Path]) -> list[str]:

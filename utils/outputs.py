@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,17 @@ from utils.images import read_rgb
 from utils.prediction import Prediction
 from utils.visualize import heatmap_overlay, write_png
 
-__all__ = ["SCORE_FIELDS", "full_size", "overlay", "binary_mask", "scores_csv", "OutputWriter"]
+__all__ = ["SCORE_FIELDS", "capped_size", "full_size", "overlay", "binary_mask", "scores_csv",
+           "OUTPUTS", "OutputWriter"]
 
 SCORE_FIELDS = ("path", "image_score", "max_pixel_score")
+
+
+def capped_size(size: tuple[int, int], side: float) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so that neither is over ``side``."""
+    scale = min(1.0, side / max(size))
+    return size if scale == 1.0 else (max(1, round(size[0] * scale)),
+                                      max(1, round(size[1] * scale)))
 
 
 def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -43,17 +52,28 @@ def scores_csv(rows: list[dict]) -> str:
     return text.getvalue()
 
 
-class OutputWriter:
-    """Writes ``overlays/<name>.png`` (at the input's size), with a threshold ``masks/<name>.png``
-    (0/255, the input's size), with ``save_maps`` ``maps/<name>.npy`` (the model's resolution),
-    and ``scores.csv``; every file atomically."""
+OUTPUTS = ("overlays", "masks", "maps", "scores.csv", "progress")  # what predict.py writes
 
-    def __init__(self, out: Path, threshold: float | None = None, save_maps: bool = False):
+
+class OutputWriter:
+    """Writes ``overlays/<name>.png`` (at the input's size, scaled down to ``max_side`` a side
+    where it is larger), with a threshold ``masks/<name>.png`` (0/255, the overlay's size), with
+    ``save_maps`` ``maps/<name>.npy`` (the model's resolution), and ``scores.csv``; every file
+    atomically."""
+
+    def __init__(self, out: Path, threshold: float | None = None, save_maps: bool = False,
+                 max_side: float = math.inf):
         self.out, self.threshold, self.save_maps = Path(out), threshold, save_maps
+        self.max_side = max_side
 
     def write(self, name: str, prediction: Prediction) -> None:
-        image = np.asarray(read_rgb(prediction.path))  # [H, W, 3]
-        full = full_size(prediction.amap, image.shape[1::-1])
+        picture = read_rgb(prediction.path)
+        size = capped_size(picture.size, self.max_side)
+        if size != picture.size:  # reduce first: no full-size copy of a huge image
+            picture = picture.reduce(max(1, int(max(picture.size) // self.max_side))).resize(
+                size, Image.BILINEAR)
+        image = np.asarray(picture)  # [H, W, 3]
+        full = full_size(prediction.amap, size)
         write_png(self.out / "overlays" / f"{name}.png", overlay(image, full))
         if self.threshold is not None:
             write_png(self.out / "masks" / f"{name}.png", binary_mask(full, self.threshold))

@@ -1,0 +1,559 @@
+"""The inspection service: jobs of images through one ``Predictor`` (the code ``predict.py`` runs),
+shared by the inspection page and the HTTP API (``utils/web.py``).
+
+    service = Service(predictor, Limits(), folders=["/data/line3"])
+    job = service.submit(client, "inspect", {"images": [(path, name), ...]}, folder)
+    service.status(client, job.id, since=0)      # progress, queue position, new results
+    service.render(client, job.id, 0, "overlay") # PNG bytes at most Limits.output_side a side
+
+What keeps it safe and steady (docs/app.md):
+
+- a job belongs to the client that made it: another client's id is "no such job";
+  ids are ``secrets.token_urlsafe`` (unguessable);
+- one worker thread runs the model; waiting jobs are served round-robin across clients (next:
+  the oldest job of the client served longest ago), so a one-image job waits for at most one
+  job of each other client, never for another client's long queue;
+- jobs are kept while the memory (their maps) and disk (their uploads) they hold fit the limits;
+  the oldest finished job of the client holding the most is dropped first, and its id then says
+  that it expired; a job that cannot fit is refused (``LimitError``, HTTP 413);
+- server-side folders are read only under the roots given (real paths: a symlink that leads out
+  is not followed), without globs, regular files only, with a time and a count limit;
+- every image's pixel count is checked from its header before it is decoded;
+- what is rendered is at most ``output_side`` pixels a side (a preview is made once per big image);
+- messages name the user's files by the names the user gave, never the server's paths.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils.calibration import calibrate
+from utils.errors import InputError, UsageError
+from utils.images import IMAGE_EXTENSIONS, read_rgb, unique_names
+from utils.outputs import binary_mask, capped_size, full_size, overlay
+from utils.prediction import Prediction, Predictor
+from utils.visualize import png_bytes
+
+__all__ = ["Limits", "LimitError", "NotFound", "Gone", "Folders", "safe_name", "check_pixels",
+           "Job", "Service", "GROUPS", "PICTURES", "removed_on_error", "draw"]
+
+log = logging.getLogger("vcp.service")
+PICTURES = ("image", "overlay", "mask")
+GROUPS = {"inspect": ("images",), "calibrate": ("normal", "defective")}  # kind -> input groups
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request, one job and the whole server may take."""
+
+    request_bytes: int = 256 * MiB  # one request's body
+    files_per_job: int = 1000
+    pixels_per_image: int = 200_000_000  # width x height, read off the header (13000^2 passes)
+    disk_bytes: int = 4096 * MiB  # uploads and previews of all jobs kept
+    memory_bytes: int = 2048 * MiB  # maps of all jobs kept
+    jobs_waiting_per_client: int = 64
+    folder_entries: int = 20_000  # entries looked at in one server folder
+    folder_seconds: float = 5.0  # time to list one server folder
+    sync_images: int = 16  # images of one synchronous API call
+    output_side: int = 2048  # longest side of an image, overlay or mask that is rendered
+
+
+class LimitError(UsageError):
+    """A request beyond a limit (HTTP 413)."""
+
+
+class NotFound(UsageError):
+    """No such job or image for this client (HTTP 404)."""
+
+
+class Gone(UsageError):
+    """A job that existed and is no longer kept (HTTP 410)."""
+
+
+def safe_name(name: str) -> str:
+    """An uploaded file's name without any folder part; one that cannot be a file name (control
+    characters, over 255 bytes, empty) is refused."""
+    base = re.split(r"[/\\]", name)[-1]
+    shown = repr(base[:40] + ("..." if len(base) > 40 else ""))
+    if any(ord(c) < 32 or ord(c) == 127 for c in base):
+        raise UsageError(f"file name {shown}: control characters are not allowed")
+    if len(base.encode("utf-8", "replace")) > 255:
+        raise UsageError(f"file name {shown}: longer than 255 bytes")
+    if base in ("", ".", ".."):
+        raise UsageError(f"file name {shown}: not a file name")
+    return base
+
+
+def check_pixels(path: Path, name: str, limit: int) -> None:
+    """Refuse an image with more than ``limit`` pixels from its header (nothing is decoded);
+    a file that is no image passes (the prediction reports it as skipped)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        width = height = math.inf
+    except Exception:  # not an image: skipped later, with the reason
+        return
+    if width * height > limit:
+        size = "" if width == math.inf else f" ({width}x{height})"
+        raise LimitError(f"{name}: the image is too large{size}: this server takes at most "
+                         f"{limit:,} pixels per image")
+
+
+class Folders:
+    """The server-side folders a request may name: only under ``roots`` (real paths, so a symlink
+    that leads out is not followed), each one a plain folder of image files (no globs, no
+    subfolders, regular files only)."""
+
+    def __init__(self, roots: list[str | Path], limits: Limits):
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.limits = limits
+        for given, real in zip(roots, self.roots):
+            if not real.is_dir():
+                raise UsageError(f"{given}: not a folder", option="allow_folder")
+
+    def _inside(self, path: Path) -> bool:
+        return any(path.is_relative_to(r) for r in self.roots)
+
+    def images(self, text: str) -> list[tuple[Path, str]]:
+        """(real path, name as given) of each image of the folder ``text`` (absolute, or
+        relative to the first root), sorted by name."""
+        if not self.roots:
+            raise UsageError("this server reads no folders of its own: upload the images")
+        if "\x00" in text:
+            raise UsageError("folder: control characters are not allowed")
+        given = Path(text) if os.path.isabs(text) else self.roots[0] / text
+        real = Path(os.path.realpath(given))
+        if not self._inside(real) or not real.is_dir():
+            raise UsageError(f"{text}: not a folder that this server shares (its shared folders "
+                             f"are {', '.join(r.name for r in self.roots)})")
+        return self._list(real, text.rstrip("/"))
+
+    def _list(self, folder: Path, shown: str) -> list[tuple[Path, str]]:
+        found, deadline = [], time.monotonic() + self.limits.folder_seconds
+        with os.scandir(folder) as entries:
+            for k, entry in enumerate(entries):
+                if k >= self.limits.folder_entries or time.monotonic() > deadline:
+                    raise LimitError(f"{shown}: too many entries to list (this server looks at "
+                                     f"{self.limits.folder_entries:,} at most)")
+                if Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                real = Path(os.path.realpath(entry.path))
+                if self._inside(real) and _is_regular(real):
+                    found.append((real, f"{shown}/{entry.name}"))
+        if not found:
+            raise UsageError(f"{shown}: no image files in this folder")
+        return sorted(found, key=lambda f: f[1])
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _clean(reason: str, path: Path, name: str) -> str:
+    """A reason with the server's path of a file replaced by the name the user knows."""
+    return reason.replace(str(path), name)
+
+
+@dataclass
+class Item:
+    """One predicted image of a job; ``amap`` [S, S] float32 (inspection jobs only)."""
+
+    index: int  # position in the job's list of images
+    group: str
+    name: str  # as the user gave it
+    stem: str  # unique output name (masks.zip)
+    view: Path  # what is rendered: the image itself, or its preview when it is large
+    image_score: float
+    max_pixel_score: float
+    amap: np.ndarray | None
+
+    def summary(self) -> dict:
+        return {"index": self.index, "name": self.name, "image_score": self.image_score,
+                "max_pixel_score": self.max_pixel_score}
+
+    def row(self) -> dict:
+        """This image's line of scores.csv, as predict.py writes it."""
+        return {"path": self.name, "image_score": self.image_score,
+                "max_pixel_score": self.max_pixel_score}
+
+
+@dataclass
+class Job:
+    """A list of images per group, run by the worker; its uploads live in ``folder``."""
+
+    client: str
+    kind: str  # "inspect" or "calibrate"
+    inputs: dict[str, list[tuple[Path, str]]]  # group -> (path, name) of each image
+    folder: Path
+    disk: int  # bytes held in folder
+    memory: int  # bytes its maps will hold
+    false_alarm_rate: float = 0.0
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    state: str = "queued"  # queued, running, finished, cancelled
+    done: int = 0
+    items: list[Item] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    calibration: dict | None = None
+    error: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    over: threading.Event = field(default_factory=threading.Event)  # finished or cancelled
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.inputs.values())
+
+    def run(self, predictor: Predictor, side: int) -> None:
+        """Predict every group in order (in the worker thread); never raises."""
+        try:
+            for group, inputs in self.inputs.items():
+                if not self._group(predictor, group, inputs, side):
+                    return
+            if self.kind == "calibrate":
+                self._calibrate()
+        except InputError as e:
+            self.error = str(e)
+        except Exception as e:  # reported without internals; the server keeps serving
+            log.error("job failed: %s", type(e).__name__)
+            self.error = f"the model failed on this job ({type(e).__name__})"
+
+    def _group(self, predictor: Predictor, group: str, inputs, side: int) -> bool:
+        """Predict one group; False when the job was cancelled meanwhile."""
+        stems = unique_names([Path(name) for _, name in inputs])
+        for result in predictor([p for p, _ in inputs]):
+            if self.cancel.is_set():
+                return False
+            path, name = inputs[result.index]
+            if isinstance(result, Prediction):
+                keep = self.kind == "inspect"
+                self.items.append(Item(
+                    result.index, group, name, stems[result.index],
+                    self._view(path, result.index, side) if keep else path, result.image_score,
+                    result.max_pixel_score, result.amap if keep else None))
+            else:
+                self.skipped.append({"name": name, "reason": _clean(result.reason, path, name)})
+            self.done += 1
+        return not self.cancel.is_set()
+
+    def _view(self, path: Path, index: int, side: int) -> Path:
+        """The image, or a preview of it at most ``side`` a side in the job's folder."""
+        with Image.open(path) as im:
+            size = im.size
+        if max(size) <= side:
+            return path
+        preview = self.folder / "previews" / f"{index}.png"
+        preview.parent.mkdir(parents=True, exist_ok=True)
+        image = read_rgb(path)
+        image = image.reduce(max(size) // side).resize(capped_size(size, side), Image.BILINEAR)
+        image.save(preview, compress_level=1)
+        self.disk += preview.stat().st_size
+        return preview
+
+    def _calibrate(self) -> None:
+        scores = {g: [i.max_pixel_score for i in self.items if i.group == g]
+                  for g in GROUPS["calibrate"]}
+        if not scores["normal"]:
+            raise UsageError("none of the normal images could be read")
+        self.calibration = calibrate(scores["normal"], self.false_alarm_rate,
+                                     scores["defective"]).to_dict()
+
+    def status(self, since: int = 0, skipped_since: int = 0, position: int | None = None) -> dict:
+        """Progress and the results from ``since`` on (the page polls for the new ones)."""
+        items, skipped = list(self.items), list(self.skipped)  # snapshots: the worker appends
+        return {"id": self.id, "kind": self.kind, "state": self.state, "total": self.total,
+                "done": self.done, "finished": self.state in ("finished", "cancelled"),
+                "position": position, "error": self.error,
+                "results": [i.summary() for i in items[since:]], "result_count": len(items),
+                "skipped": skipped[skipped_since:], "skipped_count": len(skipped),
+                "calibration": self.calibration}
+
+    def item(self, index: int) -> Item:
+        """The inspected image ``index`` (calibration jobs keep no maps)."""
+        if self.kind != "inspect":
+            raise UsageError("a calibration job has no heat maps or masks; inspect the images")
+        for i in list(self.items):
+            if i.index == index:
+                return i
+        raise NotFound(f"image {index} is not in this job")
+
+
+class Service:
+    """The model (a ``Predictor``), the jobs of every client, the worker thread and the fair
+    queue; the one object the page and the HTTP API serve."""
+
+    def __init__(self, predictor: Predictor, limits: Limits = Limits(),
+                 folders: list[str | Path] = (), threshold: float = 0.5, description: str = ""):
+        self.predictor, self.limits = predictor, limits
+        self.folders = Folders(list(folders), limits)
+        self.info = {"model": description, "threshold": threshold,
+                     "folders": bool(self.folders.roots), "max_files": limits.files_per_job,
+                     "max_request_bytes": limits.request_bytes}
+        self.root = Path(tempfile.mkdtemp(prefix="vcp_app_"))
+        self.jobs: dict[str, Job] = {}
+        self.gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (client, why)
+        self.queues: dict[str, deque[Job]] = {}  # client -> its waiting jobs
+        self.served: dict[str, int] = {}  # client -> tick of its last job started
+        self.tick = 0
+        self.cond = threading.Condition()
+        self.closed = False
+        self.renders = threading.BoundedSemaphore(2)  # big renders at a time (memory)
+        self.map_bytes = 4 * predictor.runtime.image_size ** 2
+        # every image is checked against the limit before it is decoded; PIL's own check (which
+        # refuses at twice its value) must not refuse or warn below it
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, limits.pixels_per_image)
+        self.worker = threading.Thread(target=self._serve, name="predict", daemon=True)
+        self.worker.start()
+
+    # -- jobs --------------------------------------------------------------------------------
+    def new_folder(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.root))
+
+    def reserve(self, client: str, disk: int) -> None:
+        """Refuse early, before a request is read, what cannot fit (``disk``: its size)."""
+        with self.cond:
+            waiting = len(self.queues.get(client, ()))
+            if waiting >= self.limits.jobs_waiting_per_client:
+                raise LimitError(f"{waiting} of your jobs are waiting: cancel some or wait for "
+                                 "them")
+            self._make_room(0, disk)
+
+    def submit(self, client: str, kind: str, inputs: dict[str, list[tuple[Path, str]]],
+               folder: Path, false_alarm_rate: float = 0.0) -> Job:
+        """Queue a job of these inputs (checked: counts, pixels); its ``folder`` is the job's
+        from now on, removed with it, and removed at once when the job is refused."""
+        with removed_on_error(folder):
+            total = sum(len(v) for v in inputs.values())
+            if total > self.limits.files_per_job:
+                raise LimitError(f"{total} images in one job: this server takes at most "
+                                 f"{self.limits.files_per_job}")
+            for path, name in itertools.chain(*inputs.values()):
+                check_pixels(path, name, self.limits.pixels_per_image)
+            memory = self.map_bytes * total if kind == "inspect" else 0
+            job = Job(client, kind, inputs, folder, _size_of(folder), memory, false_alarm_rate)
+            with self.cond:
+                self._make_room(job.memory, job.disk)
+                self.jobs[job.id] = job
+                self.queues.setdefault(client, deque()).append(job)
+                self.cond.notify_all()
+            return job
+
+    def job(self, client: str, job_id: str) -> Job:
+        """The client's job ``job_id`` (another client's is not found)."""
+        with self.cond:
+            job = self.jobs.get(job_id)
+            if job is not None and job.client == client:
+                job.used = time.monotonic()
+                return job
+            client_gone, why = self.gone.get(job_id, (None, ""))
+        if client_gone == client:
+            raise Gone(f"job {job_id} {why}")
+        raise NotFound(f"no job {job_id} of yours on this server")
+
+    def status(self, client: str, job_id: str, since: int = 0, skipped_since: int = 0) -> dict:
+        job = self.job(client, job_id)
+        with self.cond:
+            position = self._position(job) if job.state == "queued" else None
+        return job.status(since, skipped_since, position)
+
+    def cancel(self, client: str, job_id: str) -> str:
+        """Cancel a waiting or running job, or drop a finished one; what happened."""
+        job = self.job(client, job_id)
+        with self.cond:
+            if job.state == "queued":
+                self.queues[client].remove(job)
+                if not self.queues[client]:
+                    del self.queues[client]
+                self._over(job, "cancelled")
+                return "cancelled"
+            if job.state == "running":
+                job.cancel.set()
+                return "cancelling"
+            self._drop(job, "was deleted")
+            return "deleted"
+
+    def delete(self, job: Job) -> None:
+        """Drop a job at once (the synchronous API's, once answered)."""
+        with self.cond:
+            if job.id in self.jobs:
+                del self.jobs[job.id]
+                shutil.rmtree(job.folder, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the worker (a running job stops at its next image) and remove every upload."""
+        with self.cond:
+            self.closed = True
+            for job in self.jobs.values():
+                job.cancel.set()
+                job.over.set()
+            self.cond.notify_all()
+        self.worker.join(timeout=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- what a job shows ---------------------------------------------------------------------
+    def picture(self, client: str, job_id: str, index: int, what: str,
+                threshold: float | None = None, side: int | None = None) -> np.ndarray:
+        """An image of a job: ``image``, ``overlay`` (the heat map over it) or ``mask``
+        (map > threshold, 0/255), at most ``side`` (and the output limit) a side."""
+        item = self.job(client, job_id).item(index)
+        side = min(side or math.inf, self.limits.output_side)
+        with self.renders:
+            try:
+                return draw(item, what, threshold, side)
+            except OSError:  # the job was dropped meanwhile: its files are gone
+                raise Gone(f"job {job_id} has expired while its image was drawn") from None
+
+    def render(self, client: str, job_id: str, index: int, what: str,
+               threshold: float | None = None, side: int | None = None) -> bytes:
+        """``picture`` as PNG."""
+        return png_bytes(self.picture(client, job_id, index, what, threshold, side))
+
+    def map_data(self, client: str, job_id: str, index: int, side: int = 128) -> dict:
+        """The map of an image at most ``side`` a side, float32 little-endian, for the page to
+        draw contours at any T without asking again."""
+        item = self.job(client, job_id).item(index)
+        s = item.amap.shape[0]
+        amap = item.amap if s <= side else full_size(item.amap, (side, side))
+        return {"width": amap.shape[1], "height": amap.shape[0],
+                "data": np.ascontiguousarray(amap, dtype="<f4").tobytes()}
+
+    # -- the queue ----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.queues:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                job = self._next()
+                job.state = "running"
+            job.run(self.predictor, self.limits.output_side)
+            with self.cond:
+                self._over(job, "cancelled" if job.cancel.is_set() else "finished")
+
+    def _order(self) -> list[Job]:
+        """The waiting jobs in the order they will run: each time, the oldest job of the client
+        served longest ago (never served: first)."""
+        queues = {c: deque(q) for c, q in self.queues.items()}
+        served = {c: self.served.get(c, 0) for c in queues}
+        order = []
+        for tick in itertools.count(self.tick + 1):
+            if not queues:
+                return order
+            client = min(queues, key=served.__getitem__)
+            order.append(queues[client].popleft())
+            served[client] = tick
+            if not queues[client]:
+                del queues[client]
+
+    def _next(self) -> Job:
+        """The first job of ``_order`` (round robin across clients), off its queue."""
+        job = self._order()[0]
+        queue = self.queues[job.client]
+        queue.popleft()
+        if not queue:
+            del self.queues[job.client]
+        self.tick += 1
+        self.served[job.client] = self.tick
+        if len(self.served) > 10_000:  # forget clients with nothing waiting
+            self.served = {c: t for c, t in self.served.items() if c in self.queues}
+        return job
+
+    def _position(self, job: Job) -> int:
+        """How many waiting jobs run before this one."""
+        return self._order().index(job)
+
+    def _over(self, job: Job, state: str) -> None:
+        job.state = state
+        if state == "cancelled":
+            job.items, job.memory = [], 0
+            shutil.rmtree(job.folder, ignore_errors=True)
+            job.disk = 0
+        job.over.set()
+
+    def _drop(self, job: Job, why: str) -> None:
+        del self.jobs[job.id]
+        shutil.rmtree(job.folder, ignore_errors=True)
+        self.gone[job.id] = (job.client, why)
+        while len(self.gone) > 100_000:  # ids only: a few MB at most
+            self.gone.popitem(last=False)
+
+    def _held(self, jobs) -> tuple[int, int]:
+        jobs = list(jobs)
+        return sum(j.memory for j in jobs), sum(j.disk for j in jobs)
+
+    def _make_room(self, memory: int, disk: int) -> None:
+        """Drop finished jobs until ``memory`` and ``disk`` more fit: the least recently used
+        job of the client holding the most first; refuse, dropping nothing, what cannot fit
+        beside the jobs waiting and running."""
+        limits = self.limits
+        busy = self._held(j for j in self.jobs.values() if j.state in ("queued", "running"))
+        if busy[0] + memory > limits.memory_bytes or busy[1] + disk > limits.disk_bytes:
+            raise LimitError(
+                f"the server is full: this request needs {memory / MiB:.1f} MiB of maps and "
+                f"{disk / MiB:.1f} MiB of uploads beside the {busy[0] / MiB:.1f} and "
+                f"{busy[1] / MiB:.1f} MiB that waiting and running jobs hold (limits "
+                f"{limits.memory_bytes / MiB:.0f} and {limits.disk_bytes / MiB:.0f} MiB): try "
+                "again when jobs finish, or send fewer images")
+        while True:
+            held = self._held(self.jobs.values())
+            if held[0] + memory <= limits.memory_bytes and held[1] + disk <= limits.disk_bytes:
+                return
+            share: dict[str, int] = {}
+            for j in self.jobs.values():
+                share[j.client] = share.get(j.client, 0) + j.memory + j.disk
+            done = [j for j in self.jobs.values() if j.state in ("finished", "cancelled")]
+            self._drop(min(done, key=lambda j: (-share[j.client], j.used)),
+                       "has expired: the server keeps finished jobs while its memory and disk "
+                       "allow; run it again")
+
+
+@contextmanager
+def removed_on_error(folder: Path):
+    """Remove ``folder`` when the block fails: a refused request leaves nothing behind."""
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _size_of(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def draw(item: Item, what: str, threshold: float | None, side: float) -> np.ndarray:
+    """The image, its overlay or its mask at the view's size capped to ``side``."""
+    with Image.open(item.view) as im:
+        size = capped_size(im.size, side)
+    if what == "mask":
+        return binary_mask(full_size(item.amap, size), threshold)
+    image = read_rgb(item.view)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    if what == "image":
+        return np.asarray(image)
+    return overlay(np.asarray(image), full_size(item.amap, size))
