@@ -164,8 +164,8 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
                    help="how the images are scored (default zero_shot; reference with "
                         "--k_shot/--reference)")
     g.add_argument("--mutual", dest="scoring", action="store_const", const="mutual",
-                   help="the same as --scoring mutual: score each image against the other "
-                        "images of its group (no labels)")
+                   help="the same as --scoring mutual: MuSc, each image scored against the "
+                        "other images of its group (no labels)")
     if references == "k_shot":
         g.add_argument("--k_shot", type=at_least(0), default=0,
                        help="K normal train images per product as references (default 0)")
@@ -178,7 +178,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
     for strategy in STRATEGIES.values():
         for f in fields(strategy.Options):
             default = f.default if f.default is not MISSING else f.default_factory()
-            g.add_argument(f"--{f.name}", type=type(default), default=default,
+            many = isinstance(default, tuple)  # one or more values
+            g.add_argument(f"--{f.name}", type=type(default[0] if many else default),
+                           nargs="+" if many else None, default=default,
                            help=f.metadata.get("help", f"{strategy.name} scoring"))
 
 

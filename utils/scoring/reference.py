@@ -22,7 +22,8 @@ def memory_of(paths: list[Path], runtime: Runtime, image_size: int,
               batch_size: int = 8) -> list[torch.Tensor]:
     """The few-shot memory of normal reference images: per tapped layer, their normalized patch
     tokens [K*L, W] on the model's device. An unreadable reference is an error (it would
-    silently weaken the memory)."""
+    silently weaken the memory). Stacked one layer at a time (its batches dropped once
+    stacked)."""
     transform, images = image_transform(image_size), []
     for path in paths:
         try:
@@ -31,11 +32,17 @@ def memory_of(paths: list[Path], runtime: Runtime, image_size: int,
             raise UsageError(f"reference image {path}: cannot read it ({type(e).__name__}: {e})")
     batches = [runtime(torch.stack(images[start:start + batch_size])).features.patch_tokens
                for start in range(0, len(images), batch_size)]  # per batch, per layer [b, L, W]
+    layers = [list(layer) for layer in zip(*batches)]  # per layer, per batch [b, L, W]
+    del batches
+
+    def stacked():  # [K, L, W], one layer at a time, its batches dropped once stacked
+        while layers:
+            yield torch.cat(layers.pop(0))
     with torch.inference_mode():
-        return reference_memory([torch.cat(layer) for layer in zip(*batches)])
+        return reference_memory(stacked())
 
 
-class _ReferenceMaps:
+class _ReferenceMaps(GroupScorer):
     """Each batch's rows scored against the group's memory as they arrive."""
 
     def __init__(self, memory: list[torch.Tensor], size: int):
@@ -48,7 +55,8 @@ class _ReferenceMaps:
             self.maps.append(score_map(scores, self.size).cpu().numpy())  # [b, S, S]
 
     def patch_maps(self) -> np.ndarray:
-        return np.concatenate(self.maps)
+        maps, self.maps = np.concatenate(self.maps), []
+        return maps
 
 
 @register
@@ -74,6 +82,7 @@ class Reference(Strategy):
     def _memory_for(self, paths: list[Path]) -> list[torch.Tensor]:
         if paths != self._paths:
             c = self.context
+            self._memory = None  # the old memory goes before the new one is built
             self._memory = memory_of(paths, c.runtime, c.image_size, c.batch_size)
             self._paths = paths
         return self._memory
