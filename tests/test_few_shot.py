@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import test as test_script
 from helpers.naive_metrics import naive_evaluate_product
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
+from test_coreset import naive_coreset
 from test_musc import naive_lnamd, naive_msm, naive_rscin
 from test_patch_scoring import naive_reference
 from utils.data import AnomalyDataset, choose_references
@@ -142,9 +143,7 @@ def test_k_shot_equals_a_per_image_run_with_naive_scores(tmp_path, shots_data, t
     assert references == choose_references(shots_data, "toy", ["cube", "disc"], 1, 111)
     assert references["disc"] == ["toy/disc/train/good/toy_000015.bmp"]  # its only one (after cube's 3)
     assert "toy/cube/train/good/" in (out / "log.txt").read_text()  # listed in the log too
-    cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
-    train = AnomalyDataset(shots_data, "toy", "train", image_size=cfg.image_size)
-    by_path = {train[i]["path"]: train[i]["image"] for i in range(len(train))}
+    by_path = train_images(shots_data, tiny_checkpoint)
 
     def reference_scores(product, outputs, model):
         with torch.no_grad():
@@ -189,6 +188,42 @@ def test_mutual_settings_reach_lnamd_msm_and_rscin(tmp_path, shots_data, tiny_ar
                              recorded, oracle)
 
 
+def train_images(data_root, checkpoint):
+    cfg = checkpoint_configs(read_checkpoint(checkpoint))[0]
+    train = AnomalyDataset(data_root, "toy", "train", image_size=cfg.image_size)
+    return {train[i]["path"]: train[i]["image"] for i in range(len(train))}
+
+
+@pytest.mark.parametrize("coreset", [None, "1.0", "0.5"])
+def test_k_shot_all_with_and_without_a_coreset_equals_naive_loops(tmp_path, shots_data,
+                                                                  tiny_archive, tiny_checkpoint,
+                                                                  coreset):
+    """Every normal train image (cube 3, disc 1) as references; with --coreset the memory of
+    each layer is the naive greedy loop's choice of its K*L patches (1.0: all of them)."""
+    extra = ["--coreset", coreset] if coreset else []
+    code, out = run(tmp_path, shots_data, tiny_archive, tiny_checkpoint, "--k_shot", "all",
+                    "--fusion", "alone", *extra)
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    references = result["scoring"]["references"]
+    assert references == choose_references(shots_data, "toy", ["cube", "disc"], None, 111)
+    assert [len(references[p]) for p in ("cube", "disc")] == [3, 1]
+    assert result["scoring"]["k_shot"] == "all"
+    assert result["scoring"]["coreset"] == float(coreset or 1.0)
+    by_path = train_images(shots_data, tiny_checkpoint)
+
+    def reference_scores(product, outputs, model):
+        with torch.no_grad():
+            refs = model(torch.stack([by_path[p] for p in references[product]])).patch_tokens
+        memory = [r.reshape(-1, r.shape[-1]) for r in refs]  # per layer [K*L, W]
+        kept = [m[naive_coreset(m, round(float(coreset or 1.0) * len(m)))] for m in memory]
+        return naive_reference(layers_of(outputs, "patch_tokens"), [m[None] for m in kept])
+
+    expected = per_image_oracle(shots_data, tiny_archive, tiny_checkpoint, reference_scores,
+                                "alone")
+    assert_rows_close(result["products"], expected)
+
+
 def test_alone_fusion_ignores_the_zero_shot_maps(tmp_path, shots_data, tiny_archive,
                                                  tiny_checkpoint, tiny_vcp_cfg):
     """--fusion alone: the metrics are those of the reference map, whatever the VCP weights."""
@@ -216,6 +251,8 @@ def test_bad_scoring_flags_fail_before_model_work(tmp_path, shots_data, tiny_arc
                                               "meta_toy.json"]),
                          (["--k_shot", "1", "--mutual"], ["--k_shot and --mutual"]),
                          (["--k_shot", "-1"], ["--k_shot", "integer >= 0"]),
+                         (["--k_shot", "some"], ["--k_shot", "integer"]),
+                         (["--k_shot", "all", "--coreset", "0"], ["--coreset", "(0, 1]"]),
                          (["--mutual", "--mutual_fraction", "0"], ["--mutual_fraction"]),
                          (["--mutual", "--mutual_fraction", "0.1"],
                           ["--mutual_fraction 0.1: ", "at least 11 images in each product",
@@ -235,10 +272,14 @@ def test_bad_scoring_flags_fail_before_model_work(tmp_path, shots_data, tiny_arc
 def test_table_script_prints_one_row_per_mode(shots_data, tiny_archive, tiny_checkpoint, capsys):
     from bench import few_shot_table
     assert few_shot_table.main(
-        ["--shots", "1", "--fusions", "sum", "alone", "--data_path", str(shots_data),
-         "--dataset", "toy", "--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
-         str(tiny_archive), "--model", "tiny", "--device", "cpu", "--num_workers", "0"]) == 0
+        ["--shots", "1", "all", "--coreset_shots", "all", "--coreset", "0.5", "--fusions", "sum",
+         "alone", "--data_path", str(shots_data), "--dataset", "toy", "--checkpoint_path",
+         str(tiny_checkpoint), "--pretrained_path", str(tiny_archive), "--model", "tiny",
+         "--device", "cpu", "--num_workers", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == [
-        "| zero-shot", "| K=1, sum", "| K=1, alone", "| mutual, sum", "| mutual, alone"]
-    assert all(len(line.split("|")) == 8 for line in lines)
+        "| zero-shot", "| K=1, sum", "| K=1, alone", "| K=all, sum", "| K=all, alone",
+        "| K=all, coreset 0.5, sum", "| K=all, coreset 0.5, alone", "| MuSc, sum",
+        "| MuSc, alone"]
+    assert all(len(line.split("|")) == 10 for line in lines)
+    assert lines[2].endswith("| 1.00 |")  # zero-shot's time, the unit of the last column

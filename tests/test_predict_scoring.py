@@ -106,6 +106,27 @@ def test_reference_maps_per_folder(tmp_path, photos, tiny_archive, tiny_checkpoi
     assert reference_memory(memory)[0].shape == (2 * 16, 128)
 
 
+def test_reference_coreset_per_folder(tmp_path, photos, tiny_archive, tiny_checkpoint):
+    """--coreset 0.25: each layer's memory is the naive greedy loop's 8 of the 2 x 16 patches."""
+    from test_coreset import naive_coreset
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, photos / "b", "--reference",
+               photos / "good", "--coreset", "0.25", "--fusion", "geometric") == 0
+    cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
+    model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
+    with torch.no_grad():  # one reference at a time, as predict.py reads them (--batch_size 1)
+        refs = [model(image_transform(56)(Image.open(photos / "good" / f"{n}.png"))[None])
+                .patch_tokens for n in ("r1", "r2")]
+    memory = [torch.cat([r[k][0] for r in refs]) for k in range(len(refs[0]))]  # [32, W]
+    kept = [m[naive_coreset(m, 8)][None] for m in memory]  # [1, 8, W]
+
+    def reference_scores(layers, model):
+        return naive_reference(layers, kept)
+
+    folders = [[photos / "b" / f"{n}.png" for n in "45"]]
+    check_outputs(tmp_path / "out", oracle(tiny_archive, tiny_checkpoint, folders,
+                                           reference_scores, "geometric"))
+
+
 def naive_musc(outputs, model):
     """MuSc's patch scores with the naive loops (LNAMD per image, MSM per patch), r 1 3 5."""
     layers = [torch.stack([o.raw_tokens[k][0] for o in outputs]).double()
@@ -141,6 +162,8 @@ def test_bad_scoring_flags(tmp_path, photos, tiny_archive, tiny_checkpoint, caps
                           "a (4), ", "lone (1)"]),
                         ((photos / "a", "--mutual", "--mutual_fraction", "1.0", "--rscin", "0"),
                          ["--rscin"]),
+                        ((photos / "a", "--reference", photos / "good", "--coreset", "2"),
+                         ["--coreset", "(0, 1]"]),
                         ((photos / "a", "--mutual", "--reference", photos / "good"),
                          ["choose one"]),
                         ((photos / "a", "--reference", tmp_path / "none*.png"), ["none*.png"]),

@@ -54,6 +54,19 @@ def at_least(low: int):
     return parse
 
 
+ALL_SHOTS = "all"  # --k_shot all: every normal train image of the product
+
+
+def shots(text: str) -> int | str:
+    """An argparse type: ``all`` or an int >= 0 (``--k_shot``)."""
+    return ALL_SHOTS if text == ALL_SHOTS else at_least(0)(text)
+
+
+def shot_count(k_shot: int | str) -> int | None:
+    """``--k_shot``'s value as ``choose_references`` takes it: K, or None for all."""
+    return None if k_shot == ALL_SHOTS else k_shot
+
+
 def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> dict:
     """What a run's results depend on, for ``--resume``: its flags but ``ignored`` (where it
     writes, how fast, on what device), and ``extra``; JSON-normalized, as a progress file keeps
@@ -167,8 +180,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
                    help="the same as --scoring mutual: MuSc, each image scored against the "
                         "other images of its group (no labels)")
     if references == "k_shot":
-        g.add_argument("--k_shot", type=at_least(0), default=0,
-                       help="K normal train images per product as references (default 0)")
+        g.add_argument("--k_shot", type=shots, default=0, metavar="K",
+                       help="K normal train images per product as references, or 'all' of them "
+                            "(default 0)")
     else:
         g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
                        help="normal images (files, folders or globs) to compare every patch "
