@@ -7,14 +7,17 @@ the group's image scores in place of the protocol's top-k score (MuSc's RsCIN). 
 scoring (the paper's) is the strategy with no patch map: its numbers are the zero-shot path's,
 bit for bit.
 
-Adding one is one module in this package plus its ``@register``: a subclass of ``Strategy`` with
-a ``name``, an ``Options`` dataclass (each field one setting; the front ends offer it as the flag
-``--<field>``, with the field's ``help`` metadata; a tuple default takes one or more values) and
-``group``, which returns a ``GroupScorer``. The pure tensor arithmetic belongs in ``model/``
-(``model/patch_scoring.py``, ``model/musc.py``, ``model/coreset.py``).
+Adding one is one module in this package (imported here by itself) with a ``@register``ed
+subclass of ``Strategy``: a ``name``, an ``Options`` dataclass (each field one setting; the front
+ends offer it as the flag ``--<field>``, with the field's ``help`` metadata; a tuple default
+takes one or more values) and ``group``, which returns a ``GroupScorer`` (docs/scoring.md,
+"Adding a strategy"). The pure tensor arithmetic belongs in ``model/`` (``model/patch_scoring.py``,
+``model/musc.py``, ``model/coreset.py``).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -160,5 +163,6 @@ class ZeroShot(Strategy):
         return {"scoring": self.name}
 
 
-# the strategies beyond zero-shot register themselves on import
-from utils.scoring import mutual, reference  # noqa: E402,F401
+# the strategies beyond zero-shot: every module of this package, imported here, registers its own
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
