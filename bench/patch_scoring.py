@@ -129,7 +129,9 @@ def _rss() -> int:
 
 
 def _measure_musc(n: int, length: int, width: int, layers: int, queue) -> None:
-    """In a fresh process: peak RSS growth while scoring (the tokens already allocated)."""
+    """In a fresh process: peak RSS growth while scoring (the tokens already allocated; after a
+    tiny warm-up run)."""
+    musc_scores([torch.randn(5, 1 + 4, width)])
     per_image = [[torch.randn(1 + length, width) for _ in range(layers)] for _ in range(n)]
     before = _rss()
     stacked = (torch.stack([t[i] for t in per_image]) for i in range(layers))
@@ -137,17 +139,23 @@ def _measure_musc(n: int, length: int, width: int, layers: int, queue) -> None:
     queue.put((_rss() - before, seconds))
 
 
+def _unit_tokens(k: int, length: int, width: int, layers: int) -> list[list[torch.Tensor]]:
+    """Per layer, per batch of 8 (as memory_of holds them), random L2-normalized tokens [b,L,C],
+    normalized in place (no temporary raises the peak before a measurement)."""
+    out = [[] for _ in range(layers)]
+    for start in range(0, k, 8):
+        for layer in out:
+            t = torch.randn(min(8, k - start), length, width)
+            layer.append(t.div_(t.norm(dim=-1, keepdim=True)))
+    return out
+
+
 def _measure_coreset(k: int, length: int, width: int, layers: int, ratio: float,
                      queue) -> None:
     """In a fresh process: peak RSS growth and seconds while building the memory of K
-    references at ``ratio`` from their tokens (per batch of 8, as memory_of holds them)."""
-    batches = [[torch.randn(min(8, k - b), length, width) for _ in range(layers)]
-               for b in range(0, k, 8)]
-    for batch in batches:  # L2-normalized in place: no temporary raises the peak before
-        for t in batch:
-            t /= t.norm(dim=-1, keepdim=True)
-    per_layer = [list(layer) for layer in zip(*batches)]
-    del batches
+    references at ``ratio`` from their tokens (after a tiny warm-up run)."""
+    reference_memory([torch.cat(b) for b in _unit_tokens(2, 16, width, 1)], ratio)
+    per_layer = _unit_tokens(k, length, width, layers)
     before = _rss()
 
     def stacked():

@@ -281,5 +281,5 @@ def test_table_script_prints_one_row_per_mode(shots_data, tiny_archive, tiny_che
         "| zero-shot", "| K=1, sum", "| K=1, alone", "| K=all, sum", "| K=all, alone",
         "| K=all, coreset 0.5, sum", "| K=all, coreset 0.5, alone", "| MuSc, sum",
         "| MuSc, alone"]
-    assert all(len(line.split("|")) == 10 for line in lines)
-    assert lines[2].endswith("| 1.00 |")  # zero-shot's time, the unit of the last column
+    assert all(len(line.split("|")) == 11 for line in lines)
+    assert lines[2].endswith("| 0.0 | 1.00 |")  # zero-shot: no scoring; the unit of the last column
