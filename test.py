@@ -6,8 +6,9 @@ table, heat maps.
 The protocol itself is the library's (``utils/evaluation.py``); this script turns flags into a
 runtime, a dataset and a scoring strategy, runs it and reports. Beyond zero-shot
 (docs/scoring.md): ``--k_shot K`` compares every test patch with the patches of K normal images
-of the product's train split, ``--mutual`` with those of the product's other test images. Without
-these flags the numbers are the paper's zero-shot ones, bit for bit.
+of the product's train split (``--k_shot all``: all of them; ``--coreset``: a greedy coreset of
+their patches), ``--mutual`` with those of the product's other test images (MuSc). Without these
+flags the numbers are the paper's zero-shot ones, bit for bit.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_scoring_flags,
                        at_least, changed_keys, check_output_folder, device_of, fail, model_source,
-                       run_flags, strategy_of)
+                       run_flags, shot_count, strategy_of)
 from utils.data import AnomalyDataset, choose_references
 from utils.device import seed_everything
 from utils.errors import UsageError
@@ -91,13 +92,14 @@ def scoring_of(args: argparse.Namespace, strategy, references: dict) -> dict | N
 def run(args: argparse.Namespace):
     seed_everything(args.seed)
     # everything that can be wrong with the inputs fails here, before any model work
-    strategy_of(args, None)
+    checked = strategy_of(args, None)
     source = model_source(args, args.checkpoint_path)
     payload, cfg = read_model(source)
     dataset = AnomalyDataset(args.data_path, args.dataset, "test", image_size=cfg.image_size)
+    checked.check_sizes({p: len(r) for p, r in dataset.product_ranges.items()}, "product")
     check_output_folder(args.save_path, "--save_path")
-    references = (choose_references(args.data_path, args.dataset, dataset.products, args.k_shot,
-                                    args.seed) if args.k_shot else {})
+    references = (choose_references(args.data_path, args.dataset, dataset.products,
+                                    shot_count(args.k_shot), args.seed) if args.k_shot else {})
     done = resumed_rows(args)
     device = device_of(args)
     runtime = TorchRuntime(load_model(source, device, payload, cfg), device, args.precision)

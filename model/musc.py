@@ -26,15 +26,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .patch_scoring import CHUNK_ELEMENTS, MUTUAL_FRACTION, _no_autocast, mutual_layer
+from .patch_scoring import CHUNK_ELEMENTS, _no_autocast
 
-__all__ = ["MUSC_R", "RSCIN_K", "lnamd", "euclidean_distance", "msm", "musc_scores", "rscin"]
+__all__ = ["MSM_FRACTION", "MUSC_R", "RSCIN_K", "lnamd", "euclidean_distance", "msm",
+           "msm_min_images", "musc_scores", "rscin"]
 
+MSM_FRACTION = 0.3  # MSM's interval average: the smallest 30% of the other images' distances
 MUSC_R = (1, 3, 5)  # LNAMD's aggregation degrees
 RSCIN_K = (1, 2, 3)  # RsCIN's neighbourhood sizes on MVTec-AD (MuSc uses 1, 8, 9 on VisA)
 
 
-def lnamd(tokens: torch.Tensor, r: int) -> torch.Tensor:
+def lnamd(tokens: torch.Tensor, r: int, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """LNAMD of one tapped layer: raw tokens [N,1+L,C] (class token first, patches row-major on an
     H x H grid, L = H*H) -> L2-normalized patch features [N,L,C].
 
@@ -43,7 +45,8 @@ def lnamd(tokens: torch.Tensor, r: int) -> torch.Tensor:
     channel averaged over the r x r neighbourhood of each patch (stride 1, zero padding, always
     divided by r*r, borders included), each patch vector L2-normalized. ``r`` is odd (the grid
     keeps its size). Even at r = 1 this is not plain L2 normalization: the image's mean over all
-    channels and patches is subtracted first.
+    channels and patches is subtracted first. Images are taken a few at a time (temporaries of
+    at most ``chunk_elements`` entries, or one image's), so the result is the only [N,L,C].
     """
     if r < 1 or r % 2 == 0:
         raise ValueError(f"LNAMD's r must be a positive odd number, got {r}")
@@ -51,13 +54,24 @@ def lnamd(tokens: torch.Tensor, r: int) -> torch.Tensor:
     side = math.isqrt(length)
     if side * side != length:
         raise ValueError(f"{length} patch tokens (after the class token) are not a square grid")
+    per_chunk = max(1, chunk_elements // (length * width))  # images at a time
+    out = torch.empty(n, length, width, dtype=tokens.dtype, device=tokens.device)  # [N, L, C]
     with _no_autocast(tokens):
-        patches = tokens[:, 1:]  # [N, L, C]
-        patches = F.layer_norm(patches, patches.shape[1:])  # [N, L, C], over all of C*H*W
-        grid = patches.view(n, side, side, width).permute(0, 3, 1, 2)  # [N, C, H, W]
-        grid = F.avg_pool2d(grid, r, stride=1, padding=r // 2, count_include_pad=True)
-        patches = grid.permute(0, 2, 3, 1).reshape(n, length, width)  # [N, L, C]
-        return F.normalize(patches, dim=-1)
+        for start in range(0, n, per_chunk):
+            out[start:start + per_chunk] = _lnamd_images(tokens[start:start + per_chunk, 1:], r)
+    return out
+
+
+def _lnamd_images(patches: torch.Tensor, r: int) -> torch.Tensor:
+    """:func:`lnamd` of a few images' patch tokens [n,L,C] (class token dropped) -> [n,L,C]."""
+    n, length, width = patches.shape
+    side = math.isqrt(length)
+    # each step's input is freed as its output is made: two [n, L, C] temporaries at a time
+    x = F.layer_norm(patches, patches.shape[1:])  # [n, L, C], over all of C*H*W
+    x = x.view(n, side, side, width).permute(0, 3, 1, 2)  # [n, C, H, W]
+    x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=True)
+    x = x.permute(0, 2, 3, 1).reshape(n, length, width)  # [n, L, C]
+    return F.normalize(x, dim=-1)
 
 
 def euclidean_distance(similarity: torch.Tensor) -> torch.Tensor:
@@ -71,8 +85,9 @@ def _msm_keep(fraction: float, n: int) -> int:
     return math.floor(fraction * (n - 1))
 
 
-def _images_needed(fraction: float) -> int:
-    """The smallest N with ``_msm_keep(fraction, N) >= 1``."""
+def msm_min_images(fraction: float) -> int:
+    """The fewest images N of a set that MSM can score at ``fraction``: the smallest N with
+    ``floor(fraction (N - 1)) >= 1`` (5 at MuSc's 0.3)."""
     n = max(2, math.ceil(1.0 / fraction))
     while _msm_keep(fraction, n) >= 1:  # float rounding may make the estimate too large ...
         n -= 1
@@ -81,26 +96,53 @@ def _images_needed(fraction: float) -> int:
     return n
 
 
-def msm(features: torch.Tensor, fraction: float = MUTUAL_FRACTION,
+def msm(features: torch.Tensor, fraction: float = MSM_FRACTION,
         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """MSM of one layer: L2-normalized features [N,L,C] of the N images of a set -> [N,L] float32.
 
     For each patch of image i and each other image j, the Euclidean distance to the nearest patch
     of j; the score is the mean of the ``k = floor(fraction (N - 1))`` smallest of those N-1
-    distances (MuSc's interval average). ``k < 1`` (too few images) is a ValueError. Computed in
-    chunks of at most ``chunk_elements`` similarities (:func:`model.patch_scoring.mutual_layer`).
+    distances (MuSc's interval average). ``k < 1`` (too few images) is a ValueError.
+
+    Bounded: the query patches (all N*L, ``rows`` at a time) meet the key images ``per_key`` at a
+    time, a [rows, per_key*L] similarity chunk of at most ``chunk_elements`` entries (or one key
+    image's), reduced to the nearest distance to each key image: a [rows, N] table.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    n = features.shape[0]
+    n, length, width = features.shape
     keep = _msm_keep(fraction, n)
     if keep < 1:
-        raise ValueError(f"MSM at fraction {fraction} needs at least {_images_needed(fraction)} "
+        raise ValueError(f"MSM at fraction {fraction} needs at least {msm_min_images(fraction)} "
                          f"images (k = floor(fraction * (N - 1)) >= 1), got {n}")
-    return mutual_layer(features, keep, euclidean_distance, chunk_elements)
+    flat = features.reshape(n * length, width)  # [N*L, C]
+    per_key = max(1, min(n, chunk_elements // (length * length)))  # key images per chunk
+    rows = max(1, chunk_elements // (per_key * length))  # query patches per chunk
+    out = torch.empty(n * length, device=features.device)  # [N*L]
+    image_of_row = torch.arange(n * length, device=features.device) // length  # [N*L]
+    with _no_autocast(features):
+        for q in range(0, n * length, rows):
+            out[q:q + rows] = _msm_rows(flat[q:q + rows], image_of_row[q:q + rows], features,
+                                        per_key, keep)
+    return out.view(n, length)
 
 
-def musc_scores(layers_tokens, fraction: float = MUTUAL_FRACTION, r_list=MUSC_R,
+def _msm_rows(query: torch.Tensor, own: torch.Tensor, features: torch.Tensor, per_key: int,
+              keep: int) -> torch.Tensor:
+    """query [R,C] patches of the images ``own`` [R] against all images' features [N,L,C] -> [R]:
+    the mean of the ``keep`` smallest nearest distances to the other images."""
+    n, length, width = features.shape
+    nearest = torch.empty(len(query), n, device=features.device)  # [R, N]
+    for k in range(0, n, per_key):
+        keys = features[k:k + per_key]  # [P, L, C]
+        sim = query @ keys.reshape(-1, width).T  # [R, P*L]
+        best = sim.view(len(query), -1, length).amax(-1).float()  # [R, P] nearest dot product
+        nearest[:, k:k + len(keys)] = euclidean_distance(best)
+    nearest[torch.arange(len(query), device=features.device), own] = torch.inf  # not its own image
+    return nearest.topk(keep, dim=1, largest=False).values.mean(1)
+
+
+def musc_scores(layers_tokens, fraction: float = MSM_FRACTION, r_list=MUSC_R,
                 chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """MuSc's patch score: per tapped layer raw tokens [N,1+L,C] of the N images of a set ->
     [N,L] float32, the mean over layers and over ``r_list`` of ``msm(lnamd(tokens, r))``.
@@ -114,7 +156,7 @@ def musc_scores(layers_tokens, fraction: float = MUTUAL_FRACTION, r_list=MUSC_R,
     total, count = None, 0
     for tokens in layers_tokens:
         for r in r_list:
-            score = msm(lnamd(tokens, r), fraction, chunk_elements)  # [N, L]
+            score = msm(lnamd(tokens, r, chunk_elements), fraction, chunk_elements)  # [N, L]
             total, count = score if total is None else total + score, count + 1
     if total is None:
         raise ValueError("no tapped layers given")

@@ -15,8 +15,9 @@ SMOKES = {
     "forward.py": ["--config", "configs/tiny.json", "--image_size", "56", "--batch_size", "2",
                    "--iters", "1", "--warmup", "0", "--features_list", "1", "2", "3", "4"],
     "test_pipeline.py": ["--products", "2", "--images", "4", "--size", "56"],
-    "patch_scoring.py": ["--config", "configs/tiny.json", "--image_size", "56", "--images", "3",
-                         "--memory_images", "2", "--memory_patches", "16"],
+    "patch_scoring.py": ["--config", "configs/tiny.json", "--image_size", "56", "--images", "5",
+                         "--memory_images", "5", "--memory_patches", "16",
+                         "--coreset_references", "2"],
 }
 
 

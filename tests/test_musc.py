@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import VCPCLIP, load_clip
-from model.musc import lnamd, msm, musc_scores, rscin
+from model.musc import lnamd, msm, msm_min_images, musc_scores, rscin
 
 
 def raw_tokens(n, side, width, seed=0):
@@ -111,6 +111,23 @@ def test_lnamd_at_r_3_on_a_2x2_grid_averages_the_whole_grid_over_9():
     assert (lnamd(tokens, 3) - torch.tensor([h, -h])).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("chunk", [1, 9 * 4, 2 * 9 * 4 + 1, 1 << 26])
+def test_lnamd_a_few_images_at_a_time_equals_all_at_once(chunk):
+    """chunk 1 and 36 entries: one image (9 patches x 4 channels) at a time; 73: two."""
+    tokens = raw_tokens(5, 3, 4, seed=9)
+    for r in (1, 3):
+        assert torch.equal(lnamd(tokens, r, chunk_elements=chunk), lnamd_all_at_once(tokens, r))
+
+
+def lnamd_all_at_once(tokens, r):
+    """The same per-image operations with all images at once (no chunks)."""
+    n, length, width = tokens.shape[0], tokens.shape[1] - 1, tokens.shape[2]
+    side = math.isqrt(length)
+    x = F.layer_norm(tokens[:, 1:], (length, width)).view(n, side, side, width)
+    x = F.avg_pool2d(x.permute(0, 3, 1, 2), r, stride=1, padding=r // 2, count_include_pad=True)
+    return F.normalize(x.permute(0, 2, 3, 1).reshape(n, length, width), dim=-1)
+
+
 @pytest.mark.parametrize("r", [0, 2, -1])
 def test_lnamd_rejects_an_even_or_non_positive_r(r):
     with pytest.raises(ValueError, match="positive odd"):
@@ -175,6 +192,12 @@ def test_msm_with_too_few_images_says_how_many_are_needed(n, fraction, needed):
     with pytest.raises(ValueError, match=f"needs at least {needed} images .* got {n}"):
         msm(F.normalize(torch.randn(n, 4, 3), dim=-1), fraction)
     msm(F.normalize(torch.randn(needed, 4, 3), dim=-1), fraction)  # enough
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.1, 1.0, 0.4, 0.5, 0.25, 0.2, 0.7, 0.05])
+def test_msm_min_images_is_the_smallest_n_with_k_at_least_1(fraction):
+    n = next(n for n in range(2, 100) if int(fraction * (n - 1)) >= 1)
+    assert msm_min_images(fraction) == n
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])

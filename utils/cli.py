@@ -54,6 +54,19 @@ def at_least(low: int):
     return parse
 
 
+ALL_SHOTS = "all"  # --k_shot all: every normal train image of the product
+
+
+def shots(text: str) -> int | str:
+    """An argparse type: ``all`` or an int >= 0 (``--k_shot``)."""
+    return ALL_SHOTS if text == ALL_SHOTS else at_least(0)(text)
+
+
+def shot_count(k_shot: int | str) -> int | None:
+    """``--k_shot``'s value as ``choose_references`` takes it: K, or None for all."""
+    return None if k_shot == ALL_SHOTS else k_shot
+
+
 def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> dict:
     """What a run's results depend on, for ``--resume``: its flags but ``ignored`` (where it
     writes, how fast, on what device), and ``extra``; JSON-normalized, as a progress file keeps
@@ -167,11 +180,12 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
                    help="how the images are scored (default zero_shot; reference with "
                         "--k_shot/--reference)")
     g.add_argument("--mutual", dest="scoring", action="store_const", const="mutual",
-                   help="the same as --scoring mutual: score each image against the other "
-                        "images of its group (no labels)")
+                   help="the same as --scoring mutual: MuSc, each image scored against the "
+                        "other images of its group (no labels)")
     if references == "k_shot":
-        g.add_argument("--k_shot", type=at_least(0), default=0,
-                       help="K normal train images per product as references (default 0)")
+        g.add_argument("--k_shot", type=shots, default=0, metavar="K",
+                       help="K normal train images per product as references, or 'all' of them "
+                            "(default 0)")
     else:
         g.add_argument("--reference", nargs="+", metavar="INPUT", default=None,
                        help="normal images (files, folders or globs) to compare every patch "
@@ -181,7 +195,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
     for strategy in STRATEGIES.values():
         for f in fields(strategy.Options):
             default = f.default if f.default is not MISSING else f.default_factory()
-            g.add_argument(f"--{f.name}", type=type(default), default=default,
+            many = isinstance(default, tuple)  # one or more values
+            g.add_argument(f"--{f.name}", type=type(default[0] if many else default),
+                           nargs="+" if many else None, default=default,
                            help=f.metadata.get("help", f"{strategy.name} scoring"))
 
 

@@ -196,20 +196,26 @@ def load_meta(root: str | os.PathLike, dataset_name: str) -> dict[str, dict[str,
 
 
 def choose_references(root: str | os.PathLike, dataset_name: str, products: Iterable[str],
-                      k: int, seed: int) -> dict[str, list[str]]:
-    """K normal images per product from its ``train`` split (few-shot references, ours).
+                      k: int | None, seed: int) -> dict[str, list[str]]:
+    """K normal images per product from its ``train`` split (few-shot references, ours); every
+    one of them with ``k`` None.
 
     A seeded choice without replacement that depends only on ``seed``, the product's name and its
     train entries (so adding a product changes no other's references); returned in meta order as
-    paths relative to ``root``. Raises ``DataError`` naming the product that has fewer than K.
+    paths relative to ``root``. Raises ``DataError`` naming the product that has fewer than K
+    (none, with ``k`` None).
     """
     train = load_meta(root, dataset_name)["train"]
     chosen = {}
     for product in products:
         normal = [e["img_path"] for e in train.get(product, []) if e["anomaly"] == 0]
-        if len(normal) < k:
-            raise DataError(f"{k}: product {product!r} has {len(normal)} normal images in the "
-                            f"train split of {meta_path(root, dataset_name)}", option="k_shot")
+        if len(normal) < (k or 1):
+            raise DataError(f"{'all' if k is None else k}: product {product!r} has "
+                            f"{len(normal)} normal images in the train split of "
+                            f"{meta_path(root, dataset_name)}", option="k_shot")
+        if k is None:
+            chosen[product] = normal
+            continue
         rng = np.random.default_rng([seed, zlib.crc32(product.encode())])
         chosen[product] = [normal[i] for i in sorted(rng.choice(len(normal), k, replace=False))]
     return chosen

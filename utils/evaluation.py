@@ -11,7 +11,8 @@ product's metrics run in a background thread while the model runs on the next pr
 metrics keep up with the forward pass and memory holds the products in flight, never the dataset.
 A scoring strategy (``utils/scoring``) may score each product beyond zero-shot; its patch-score
 map is fused with each zero-shot branch before the protocol's smoothing, normalization and
-metrics. With the zero-shot strategy the numbers are the paper's, bit for bit.
+metrics, and its image scores (where it gives them) replace the top-k score. With the zero-shot
+strategy the numbers are the paper's, bit for bit.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from utils.errors import DataError
 from utils.files import atomic_write
 from utils.metrics import evaluate_product, format_table, mean_row
 from utils.runtime import Runtime, RuntimeOutput
-from utils.scoring import GroupScorer, Strategy, ZeroShot, fuse_maps
+from utils.scoring import GroupScorer, Strategy, ZeroShot
 from utils.visualize import save_panel
 
 __all__ = ["PROGRESS", "first_to_read", "metric_threads", "Evaluator", "write_results",
@@ -114,7 +115,7 @@ class Evaluator:
             if product in self.seen:
                 raise DataError(f"product {product!r} is not contiguous in the meta file")
             self.seen.add(product)
-            self.current = Product(product, scorer=self.strategy.group(product))
+            self.current = Product(product, scorer=self._timed(self.strategy.group, product))
         c = self.current
         self.images += len(rows)
         for k, i in enumerate(rows):
@@ -137,7 +138,7 @@ class Evaluator:
         c, self.current = self.current, None
         if c is None:
             return
-        c.patch, c.scorer = self._timed(c.scorer.patch_maps), None
+        c.patch = self._timed(c.scorer.patch_maps)
         while len(self.jobs) >= self.threads:
             self._collect()
         self.jobs.append((c.name, self.metrics.submit(self._evaluate, c)))
@@ -145,11 +146,11 @@ class Evaluator:
     def _evaluate(self, c: Product) -> tuple[dict, float, list]:
         """Metrics of one product, then its panels handed to the writers (metrics thread)."""
         start = time.perf_counter()
-        raw, new = np.stack(c.raw), np.stack(c.new)
-        if c.patch is not None:
-            raw, new = fuse_maps(raw, new, c.patch, self.strategy.fusion)
+        raw, new, scores = self.strategy.finish(np.stack(c.raw), np.stack(c.new), c.patch,
+                                                c.scorer)
         masks = np.stack(c.masks)
-        row, pixel_maps = evaluate_product(raw, new, masks, np.asarray(c.labels), c.name)
+        row, pixel_maps = evaluate_product(raw, new, masks, np.asarray(c.labels), c.name,
+                                           scores=scores)
         seconds = time.perf_counter() - start
         panels = [self.writer.submit(self._panel, c.name, path, label, amap, mask,
                                      row["threshold"])

@@ -8,7 +8,8 @@ Three families live here:
 
 * **Map arithmetic** (:func:`product_maps`, built from :func:`smoothed_blend` and
   :func:`image_scores`): blend, Gaussian filter, product-wide min-max
-  normalization and the top-k image score, all in float32 like the reference.
+  normalization and the top-k image score, all in float32 like the reference;
+  :func:`max_blend_scores`, the image score that MuSc's RsCIN re-scores.
 * **ROC / AP / F1 from one sort** (:func:`binary_curve` and the functions taking its result): the
   cumulative true/false-positive counts at every distinct score are computed once, and AUROC,
   average precision, the precision-recall curve, F1-max and its IoU are read off them. They equal
@@ -39,6 +40,7 @@ __all__ = [
     "check_pair",
     "smoothed_blend",
     "image_scores",
+    "max_blend_scores",
     "product_maps",
     "BinaryCurve",
     "binary_curve",
@@ -160,11 +162,23 @@ def smoothed_blend(raw, new, *, sigma: float = SIGMA) -> np.ndarray:
     raw, new = check_pair(raw, new, "smoothed_blend")
     out = np.empty(raw.shape, dtype=np.float32)  # [N, H, W]
     for i in range(raw.shape[0]):
-        # Python-float weights times a float32 array stay float32 (NumPy 1.x and 2.x alike).
-        blend = BLEND_RAW * raw[i] + BLEND_NEW * new[i]  # [H, W] float32
         # 2-D per image; the float32 input keeps SciPy's intermediate pass in float32 too.
-        out[i] = gaussian_filter(blend, sigma=sigma)
+        out[i] = gaussian_filter(_blend(raw[i], new[i]), sigma=sigma)
     return out
+
+
+def _blend(raw: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``0.2 * raw + 0.8 * new`` of one image's float32 maps [H,W] -> [H,W] float32."""
+    # Python-float weights times a float32 array stay float32 (NumPy 1.x and 2.x alike).
+    return BLEND_RAW * raw + BLEND_NEW * new
+
+
+def max_blend_scores(raw, new) -> np.ndarray:
+    """Per-image maximum of the unsmoothed blend ``0.2 * raw + 0.8 * new``, ``[N] float32``
+    (``raw``, ``new``: ``[N, H, W]``, cast to float32): MuSc's image score, the maximum of a map,
+    which its RsCIN re-scores (``utils/scoring/mutual.py``)."""
+    raw, new = check_pair(raw, new, "max_blend_scores")
+    return np.array([_blend(r, n).max() for r, n in zip(raw, new)], dtype=np.float32)
 
 
 def image_scores(raw, new, *, top_k: int = TOP_K) -> np.ndarray:
@@ -193,6 +207,7 @@ def product_maps(
     sigma: float = SIGMA,
     top_k: int = TOP_K,
     name: str = "product",
+    scores=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixel maps and image scores of one product, float32 throughout (docs/reproduction.md §10).
 
@@ -202,17 +217,22 @@ def product_maps(
         sigma: Gaussian sigma of the per-image filter (2-D, SciPy defaults: reflect, truncate 4).
         top_k: the image score averages this many largest pixels per branch (all if H*W < k).
         name: product name used in warnings.
+        scores: ``[N]`` image scores to use instead of the top-k score (a scoring strategy's,
+            e.g. MuSc's RsCIN); None: the top-k score.
 
     Returns:
         ``pixel_maps [N, H, W] float32``: :func:`smoothed_blend` (``gaussian_filter(0.2*raw +
         0.8*new, sigma)`` per image), then ``(m - min) / (max - min)`` with min / max over the
         whole product. ``image_scores [N] float32``: :func:`image_scores` (``topk_mean(raw) +
-        topk_mean(new)``, unsmoothed), min-max normalized over the product.
+        topk_mean(new)``, unsmoothed) or ``scores``, min-max normalized over the product.
         A constant product (max == min) gives zeros and an :class:`UndefinedMetricWarning`.
     """
     raw, new = check_pair(raw, new, name)
     pixel_maps = smoothed_blend(raw, new, sigma=sigma)
-    scores = image_scores(raw, new, top_k=top_k)
+    if scores is None:
+        scores = image_scores(raw, new, top_k=top_k)
+    else:  # a copy: normalized in place below
+        scores = np.array(scores, dtype=np.float32).reshape(raw.shape[:1])
     _minmax_float32(pixel_maps, f"{name}: pixel maps")
     _minmax_float32(scores, f"{name}: image scores")
     return pixel_maps, scores
@@ -705,6 +725,7 @@ def evaluate_product(
     *,
     sigma: float = SIGMA,
     top_k: int = TOP_K,
+    scores=None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """One row of the docs/reproduction.md §10 table for a product, plus its normalized pixel maps.
 
@@ -712,6 +733,7 @@ def evaluate_product(
         raw, new: ``[N, H, W]`` float32 abnormal maps of the two branches.
         masks: ``[N, H, W]`` {0, 1} ground truth. labels: ``[N]`` {0, 1} image labels.
         name: product name, used in warnings.
+        scores: ``[N]`` image scores instead of the top-k score (:func:`product_maps`).
 
     Returns:
         ``(row, pixel_maps)``: ``row`` has auroc_px, aupro_px (reference), aupro_px_official,
@@ -720,7 +742,8 @@ def evaluate_product(
         panels). A metric undefined for the product (no anomalous or no normal pixels / images)
         is nan, with one :class:`UndefinedMetricWarning` naming the product.
     """
-    pixel_maps, scores = product_maps(raw, new, sigma=sigma, top_k=top_k, name=name)
+    pixel_maps, scores = product_maps(raw, new, sigma=sigma, top_k=top_k, name=name,
+                                      scores=scores)
     masks = _as_binary(masks, f"{name}: masks", pixel_maps.shape)
     labels = _as_binary(labels, f"{name}: labels", scores.shape)
     curve = binary_curve(pixel_maps, masks)

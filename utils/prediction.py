@@ -8,7 +8,8 @@
 The map is the smoothed blend of docs/reproduction.md §10, ``gaussian_filter(0.2*raw + 0.8*new,
 sigma=8)``, **without** test.py's per-product min-max normalization: a value means the same on
 every image, so a fixed threshold is a usable deployment setting. The image score is the mean of
-the 2000 largest pixels of each branch, added (0 to 2).
+the 2000 largest pixels of each branch, added (0 to 2), or the strategy's where it gives one
+(mutual scoring: MuSc's RsCIN, in [0, 1] relative to the other images of the folder).
 
 How the maps are made is the runtime's business (``utils/runtime.py``: PyTorch, ONNX Runtime);
 how they are scored beyond zero-shot the strategy's (``utils/scoring``). With a strategy that
@@ -23,7 +24,6 @@ from typing import Iterator
 
 import numpy as np
 
-from utils.errors import UsageError
 from utils.images import folder_groups, image_batches
 from utils.metrics import image_scores, smoothed_blend
 from utils.runtime import Runtime
@@ -53,7 +53,7 @@ class Prediction:
 @dataclass
 class Skipped:
     """An input that could not be read (corrupt, unsupported), or one that its group's scoring
-    cannot score (the only readable image of its folder under mutual scoring): reported, never
+    cannot score (its folder has too few readable images for mutual scoring): reported, never
     fatal. ``reason`` says which."""
 
     index: int
@@ -61,10 +61,12 @@ class Skipped:
     reason: str
 
 
-def _predictions(indices: list[int], paths: list[Path], raw: np.ndarray,
-                 new: np.ndarray) -> Iterator[Prediction]:
-    """Predictions from the two abnormal maps [B,S,S] of the inputs ``indices``."""
-    for i, amap, score in zip(indices, smoothed_blend(raw, new), image_scores(raw, new)):
+def _predictions(indices: list[int], paths: list[Path], raw: np.ndarray, new: np.ndarray,
+                 scores: np.ndarray | None = None) -> Iterator[Prediction]:
+    """Predictions from the two abnormal maps [B,S,S] of the inputs ``indices`` and their image
+    scores [B] (None: the top-k score of the maps)."""
+    scores = image_scores(raw, new) if scores is None else scores
+    for i, amap, score in zip(indices, smoothed_blend(raw, new), scores):
         yield Prediction(i, paths[i], amap, float(score))
 
 
@@ -78,11 +80,8 @@ def groups(paths: list[Path], strategy: Strategy) -> list[list[int]]:
 
 def check_groups(paths: list[Path], strategy: Strategy) -> None:
     """Fail before any model work where a group has fewer images than its scoring needs."""
-    small = [str(paths[g[0]].parent) for g in groups(paths, strategy)
-             if len(g) < strategy.min_images]
-    if small:
-        raise UsageError(f"{strategy.name} scoring compares each image with the others of its "
-                         f"folder; these folders have one image: {', '.join(small)}")
+    strategy.check_sizes({str(paths[g[0]].parent): len(g) for g in groups(paths, strategy)},
+                         "folder")
 
 
 class Predictor:
@@ -118,10 +117,12 @@ class Predictor:
             kept += [group[i] for i in indices]
         if not kept:
             return
-        if len(kept) < self.strategy.min_images:
+        needed = self.strategy.min_images
+        if len(kept) < needed:
             for i in kept:
-                yield Skipped(i, paths[i], f"{self.strategy.name} scoring needs another readable "
-                                           "image in its folder")
+                yield Skipped(i, paths[i], f"{self.strategy.name} scoring needs {needed} readable "
+                                           f"images in its folder, it has {len(kept)}")
             return
-        raw, new = self.strategy.finish(np.concatenate(raw), np.concatenate(new), scorer)
-        yield from _predictions(kept, paths, raw, new)
+        raw, new, scores = self.strategy.finish(np.concatenate(raw), np.concatenate(new),
+                                                scorer.patch_maps(), scorer)
+        yield from _predictions(kept, paths, raw, new, scores)

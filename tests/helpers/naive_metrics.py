@@ -142,9 +142,15 @@ def naive_aupro_official(maps, masks, max_fpr: float = 0.3) -> float:
     return float(area / max_fpr)
 
 
-def naive_evaluate_product(raw, new, masks, labels) -> dict[str, float]:
-    """The docs/reproduction.md §10 row of one product through the naive functions above."""
-    maps, scores = naive_product_maps(raw, new)
+def naive_evaluate_product(raw, new, masks, labels, scores=None) -> dict[str, float]:
+    """The docs/reproduction.md §10 row of one product through the naive functions above;
+    ``scores`` [N]: image scores in place of the top-k ones, min-max normalized the same way."""
+    maps, top_k = naive_product_maps(raw, new)
+    if scores is None:
+        scores = top_k
+    else:
+        scores = np.asarray(scores, dtype=np.float64)
+        scores = (scores - scores.min()) / (scores.max() - scores.min())
     row = naive_pixel_metrics(maps, masks)
     row["aupro_px"] = naive_aupro_reference(maps, masks)
     row["aupro_px_official"] = naive_aupro_official(maps, masks)

@@ -2,20 +2,25 @@
 on the page) is scored beyond the two zero-shot maps (docs/scoring.md).
 
 A strategy turns the runtime's outputs for a group into one patch-score map per image, which
-``fuse_maps`` joins with both zero-shot branches before the usual blend and score. Zero-shot
+``fuse_maps`` joins with both zero-shot branches before the usual blend and score, and may give
+the group's image scores in place of the protocol's top-k score (MuSc's RsCIN). Zero-shot
 scoring (the paper's) is the strategy with no patch map: its numbers are the zero-shot path's,
 bit for bit.
 
-Adding one is one module in this package plus its ``@register``: a subclass of ``Strategy`` with
-a ``name``, an ``Options`` dataclass (each field one setting; the front ends offer it as the flag
-``--<field>``, with the field's ``help`` metadata) and ``group``, which returns a ``GroupScorer``.
-The pure tensor arithmetic belongs in ``model/`` (``model/patch_scoring.py``).
+Adding one is one module in this package (imported here by itself) with a ``@register``ed
+subclass of ``Strategy``: a ``name``, an ``Options`` dataclass (each field one setting; the front
+ends offer it as the flag ``--<field>``, with the field's ``help`` metadata; a tuple default
+takes one or more values) and ``group``, which returns a ``GroupScorer`` (docs/scoring.md,
+"Adding a strategy"). The pure tensor arithmetic belongs in ``model/`` (``model/patch_scoring.py``,
+``model/musc.py``, ``model/coreset.py``).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -27,15 +32,22 @@ __all__ = ["GroupScorer", "Context", "Strategy", "STRATEGIES", "register", "make
            "FUSIONS", "fuse_maps", "ZeroShot"]
 
 
-class GroupScorer(Protocol):
+class GroupScorer:
     """Scores the images of one group, fed batch by batch in order."""
 
     def add(self, output: RuntimeOutput, rows: list[int]) -> None:
         """The rows ``rows`` of a batch's ``output`` belong to this group."""
+        raise NotImplementedError
 
     def patch_maps(self) -> np.ndarray | None:
         """[N,S,S] float32 patch-score maps of the images added, in order; None: no patch map
         (the zero-shot maps are used as they are)."""
+        raise NotImplementedError
+
+    def image_scores(self, raw: np.ndarray, new: np.ndarray) -> np.ndarray | None:
+        """[N] float32 image scores of the group from its fused maps ``raw``, ``new`` [N,S,S]
+        (after ``patch_maps``); None (the default): the protocol's top-k score of those maps."""
+        return None
 
 
 @dataclass
@@ -60,7 +72,6 @@ class Strategy:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     patch_map: ClassVar[bool] = True  # False: the zero-shot maps as they are
-    min_images: ClassVar[int] = 1  # images that a group needs (mutual scoring: 2)
     needs_references: ClassVar[bool] = False
 
     def __init__(self, options=None, context: Context | None = None, fusion: str = FUSIONS[0]):
@@ -74,6 +85,15 @@ class Strategy:
     def check(self) -> None:
         """Raise ``UsageError(option=<field>)`` for a setting out of range."""
 
+    @property
+    def min_images(self) -> int:
+        """Images that a group needs (mutual scoring: enough for MSM to average one distance)."""
+        return 1
+
+    def check_sizes(self, sizes: dict[str, int], kind: str) -> None:
+        """Raise ``UsageError`` naming the groups of ``sizes`` (name -> its images; ``kind``: what
+        a group is, a folder or a product) too small for this scoring, before any model work."""
+
     def prepare(self) -> None:
         """Work that can fail on the user's inputs, done before any image is read (reading the
         references that every group shares, say)."""
@@ -86,11 +106,15 @@ class Strategy:
         return {"scoring": self.name, "fusion": self.fusion,
                 **{f.name: getattr(self.options, f.name) for f in fields(self.options)}}
 
-    def finish(self, raw: np.ndarray, new: np.ndarray,
-               scorer: GroupScorer) -> tuple[np.ndarray, np.ndarray]:
-        """A group's zero-shot maps [N,S,S] fused with its patch maps (as they are without)."""
-        patch = scorer.patch_maps()
-        return (raw, new) if patch is None else fuse_maps(raw, new, patch, self.fusion)
+    def finish(self, raw: np.ndarray, new: np.ndarray, patch: np.ndarray | None,
+               scorer: GroupScorer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A group's zero-shot maps [N,S,S] fused with its patch maps ``patch`` [N,S,S] (its
+        ``scorer.patch_maps()``; None: the maps as they are), and the image scores [N] that
+        replace the protocol's top-k score where the scorer gives them (else None)."""
+        if patch is None:
+            return raw, new, None
+        raw, new = fuse_maps(raw, new, patch, self.fusion)
+        return raw, new, scorer.image_scores(raw, new)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -111,12 +135,13 @@ def make_strategy(name: str, settings: dict, context: Context | None = None,
     if name not in STRATEGIES:
         raise UsageError(f"{name!r}: expected one of {', '.join(STRATEGIES)}", option="scoring")
     cls = STRATEGIES[name]
-    options = cls.Options(**{f.name: settings[f.name] for f in fields(cls.Options)
+    options = cls.Options(**{f.name: tuple(settings[f.name]) if isinstance(f.default, tuple)
+                             else settings[f.name] for f in fields(cls.Options)
                              if settings.get(f.name) is not None})
     return cls(options, context, fusion)
 
 
-class _NoPatchMap:
+class _NoPatchMap(GroupScorer):
     def add(self, output: RuntimeOutput, rows: list[int]) -> None:
         pass
 
@@ -138,5 +163,6 @@ class ZeroShot(Strategy):
         return {"scoring": self.name}
 
 
-# the strategies beyond zero-shot register themselves on import
-from utils.scoring import mutual, reference  # noqa: E402,F401
+# the strategies beyond zero-shot: every module of this package, imported here, registers its own
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,8 +1,10 @@
 """Few-shot scoring: every patch against a memory of normal reference images' patches
-(``model/patch_scoring.py:reference_score``). A group's memory is built from its references when
-the group starts, and only the current group's is kept."""
+(``model/patch_scoring.py:reference_score``), optionally subsampled to a greedy coreset
+(``model/coreset.py``) so that many references keep a small memory. A group's memory is built
+from its references when the group starts, and only the current group's is kept."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,22 @@ from utils.scoring import GroupScorer, Strategy, register
 __all__ = ["Reference", "memory_of"]
 
 
-def memory_of(paths: list[Path], runtime: Runtime, image_size: int,
-              batch_size: int = 8) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class ReferenceOptions:
+    coreset: float = field(default=1.0, metadata={
+        "help": "keep this fraction of the reference memory, per tapped layer, by greedy "
+                "coreset subsampling (PatchCore's; e.g. 0.1 for many references; default 1.0: "
+                "every patch)"})
+
+
+def memory_of(paths: list[Path], runtime: Runtime, image_size: int, batch_size: int = 8,
+              coreset: float = 1.0) -> list[torch.Tensor]:
     """The few-shot memory of normal reference images: per tapped layer, their normalized patch
-    tokens [K*L, W] on the model's device. An unreadable reference is an error (it would
-    silently weaken the memory)."""
+    tokens [K*L, W] on the model's device, or the greedy coreset of ``coreset`` of them
+    [m, W]. An unreadable reference is an error (it would silently weaken the memory).
+
+    Built one layer at a time: besides the references' tokens, one layer's whole memory is
+    alive while it is subsampled (``model/patch_scoring.py:reference_memory``)."""
     transform, images = image_transform(image_size), []
     for path in paths:
         try:
@@ -31,11 +44,17 @@ def memory_of(paths: list[Path], runtime: Runtime, image_size: int,
             raise UsageError(f"reference image {path}: cannot read it ({type(e).__name__}: {e})")
     batches = [runtime(torch.stack(images[start:start + batch_size])).features.patch_tokens
                for start in range(0, len(images), batch_size)]  # per batch, per layer [b, L, W]
+    layers = [list(layer) for layer in zip(*batches)]  # per layer, per batch [b, L, W]
+    del batches
+
+    def stacked():  # [K, L, W], one layer at a time, its batches dropped once stacked
+        while layers:
+            yield torch.cat(layers.pop(0))
     with torch.inference_mode():
-        return reference_memory([torch.cat(layer) for layer in zip(*batches)])
+        return reference_memory(stacked(), coreset)
 
 
-class _ReferenceMaps:
+class _ReferenceMaps(GroupScorer):
     """Each batch's rows scored against the group's memory as they arrive."""
 
     def __init__(self, memory: list[torch.Tensor], size: int):
@@ -48,7 +67,8 @@ class _ReferenceMaps:
             self.maps.append(score_map(scores, self.size).cpu().numpy())  # [b, S, S]
 
     def patch_maps(self) -> np.ndarray:
-        return np.concatenate(self.maps)
+        maps, self.maps = np.concatenate(self.maps), []
+        return maps
 
 
 @register
@@ -56,11 +76,16 @@ class Reference(Strategy):
     """1 - the best cosine of a patch to the reference memory, averaged over the tapped layers."""
 
     name = "reference"
+    Options = ReferenceOptions
     needs_references = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._paths, self._memory = None, None  # the current memory and its references
+
+    def check(self) -> None:
+        if not 0 < self.options.coreset <= 1:
+            raise UsageError(f"must be in (0, 1], got {self.options.coreset}", option="coreset")
 
     def prepare(self) -> None:
         if isinstance(self.context.references, list):
@@ -74,9 +99,11 @@ class Reference(Strategy):
     def _memory_for(self, paths: list[Path]) -> list[torch.Tensor]:
         if paths != self._paths:
             c = self.context
-            self._memory = memory_of(paths, c.runtime, c.image_size, c.batch_size)
+            self._memory = None  # the old memory goes before the new one is built
+            self._memory = memory_of(paths, c.runtime, c.image_size, c.batch_size,
+                                     self.options.coreset)
             self._paths = paths
         return self._memory
 
     def describe(self) -> dict:
-        return {"fusion": self.fusion}
+        return {"fusion": self.fusion, "coreset": self.options.coreset}
