@@ -47,6 +47,10 @@ PAGE = ROOT / "web" / "page.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CLIENT_COOKIE, TOKEN_COOKIE = "vcp_client", "vcp_token"
 STATUS = {LimitError: 413, NotFound: 404, Gone: 410}
+# A refused request's body, up to this size and time, is read and dropped before the answer, so
+# that a client still sending it reads the answer instead of a reset connection (as a server's
+# lingering close does); a longer body is answered at once.
+DRAIN_BYTES, DRAIN_SECONDS = 32 * 2**20, 10.0
 
 
 @dataclass
@@ -67,6 +71,19 @@ class Access:
                                       and secrets.compare_digest(given, self.token))
 
 
+async def _drain(receive, length: str) -> None:
+    """Read and drop a request's body of at most ``DRAIN_BYTES`` (its Content-Length), for at most
+    ``DRAIN_SECONDS``."""
+    if length.isdigit() and int(length) > DRAIN_BYTES:
+        return
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while (await receive()).get("more_body", False):
+                pass
+    except TimeoutError:
+        pass
+
+
 def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -84,6 +101,7 @@ class Guard:
         request = Request(scope)
         refused = self._refused(request)
         if refused is not None:
+            await _drain(receive, request.headers.get("content-length", ""))
             return await refused(scope, receive, send)
         client = request.cookies.get(CLIENT_COOKIE) or ""
         new_client = len(client) < 20
