@@ -23,6 +23,7 @@ SMOKES = {
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
+
 @pytest.mark.parametrize("script", sorted(SMOKES))
 def test_benchmark_smoke(script):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *SMOKES[script]],

@@ -22,6 +22,7 @@ from utils.prediction import Prediction
 
 pytestmark = [pytest.mark.slow]
 
+
 def run_export(archive, checkpoint, *flags) -> int:
     return export.main(["--checkpoint_path", str(checkpoint), "--pretrained_path", str(archive),
                         *map(str, flags)])

@@ -23,6 +23,7 @@ IMAGES = 16  # per epoch: 16 steps of batch 1, 8 steps of 2 x 1 under two proces
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The subprocesses run on one thread (ENV), so the in-process runs must too: another thread
