@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 
 .PHONY: test test-fast lint demo app browser venv clean
 
+# what running needs (requirements.txt); the test tools come on top (requirements-dev.txt)
 venv: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -13,14 +15,18 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP) browser
+$(DEV): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(DEV)
+
+test: $(DEV) browser
 	$(PY) -m pytest -q tests
 
 # the unit tests alone (no subprocesses, no browser, nothing slow): docs/tests.md
-test-fast: $(STAMP)
+test-fast: $(DEV)
 	$(PY) -m pytest -q tests -m "not slow and not subprocess and not browser"
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)

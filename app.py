@@ -5,9 +5,10 @@ calibrate the threshold, and an HTTP API for the line (``POST /api/v1/predict``)
     python app.py ... --host 0.0.0.0 --allowed_host inspect3.plant.local --allow_folder /data/line3
     make app          # with the demo's checkpoint, after `make demo`
 
-The service itself is the library's (``utils/service.py``: jobs, the fair queue, limits, shared
-folders; ``utils/web.py``: the HTTP side and its checks); images go through the ``Predictor`` that
-``predict.py`` runs. This script parses the flags, listens, prints the address and serves.
+The service itself is the library's (``utils/serving/service.py``: jobs, the fair queue, limits,
+shared folders; ``utils/serving/web.py``: the HTTP side and its checks); images go through the
+``Predictor`` that ``predict.py`` runs. This script parses the flags, listens, prints the address
+and serves.
 
 Safe by default (docs/app.md): loopback only; no server folder is readable unless
 ``--allow_folder`` names it; listening beyond loopback needs a token (printed at start, or
@@ -27,8 +28,8 @@ from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_f
                        add_scoring_flags, at_least, fail, predictor_of)
 from utils.errors import UsageError
 from utils.paths import DEFAULT_CHECKPOINT
-from utils.service import MiB, Limits, Service
-from utils.web import LOOPBACK, Access, create_app
+from utils.serving.service import MiB, Limits, Service
+from utils.serving.web import LOOPBACK, Access, create_app
 
 
 def parse_args(argv=None) -> argparse.Namespace:

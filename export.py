@@ -26,9 +26,9 @@ import torch
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, check_output_folder, fail,
                        model_source)
 from utils.errors import UsageError
-from utils.onnx_runtime import EXPORT_DTYPES, export_onnx, sidecar_path
+from utils.inference.onnx_runtime import EXPORT_DTYPES, export_onnx, sidecar_path
 from utils.paths import DEFAULT_CHECKPOINT
-from utils.runtime import load_model
+from utils.inference.runtime import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,15 +6,15 @@
 Writes ``overlays/<name>.png`` (heat map over the image), ``scores.csv`` (path, image score, max
 pixel score), with ``--threshold`` ``masks/<name>.png`` (0/255, the input's size), with
 ``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution). The prediction service
-itself is the library's (``utils/prediction.py``, ``utils/outputs.py``); this script wires flags
-to it, writes, resumes and reports.
+itself is the library's (``utils/inference/prediction.py``, ``utils/inference/outputs.py``); this
+script wires flags to it, writes, resumes and reports.
 
     python predict.py --calibrate normal/ --false_alarm_rate 0.01 [--defective bad/] \
         [--held_out more_normal/] --checkpoint_path ...
 
 prints T, the threshold at which at most that share of the normal images has a pixel above T
-(``utils/calibration.py`` states the quantile exactly), with the recall on the defective images
-and the false-alarm rate on other normal images.
+(``utils/evaluation/calibration.py`` states the quantile exactly), with the recall on the
+defective images and the false-alarm rate on other normal images.
 
 Beyond zero-shot (docs/scoring.md): ``--reference good/`` compares every
 patch with those of your normal images, ``--mutual`` with those of the other images in the same
@@ -33,7 +33,6 @@ the rows of the images finished so far (removed once ``scores.csv`` is written).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -41,17 +40,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.calibration import Calibration, alarm_rate, calibrate
+from utils.evaluation.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
-                       add_scoring_flags, at_least, changed_keys, check_output_folder, fail,
+                       add_scoring_flags, at_least, check_output_folder, fail,
                        predictor_of, run_flags, strategy_of)
 from utils.distributed import World
 from utils.errors import OutputError, UsageError
-from utils.files import atomic_write
-from utils.images import expand_inputs, unique_names
-from utils.outputs import OUTPUTS, OutputWriter
+from utils.data.images import expand_inputs, unique_names
+from utils.inference.outputs import OUTPUTS, OutputWriter
 from utils.paths import DEFAULT_CHECKPOINT
-from utils.prediction import Prediction, Predictor, Skipped, check_groups
+from utils.inference.prediction import Prediction, Predictor, Skipped, check_groups
+from utils.inference.progress import Progress
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"continue a stopped run in --save_path after the images its "
                         f"{PROGRESS}/ lists (same inputs and flags; zero-shot scoring)")
     add_onnx_flag(p)
-    c = p.add_argument_group("threshold calibration (instead of INPUTs; utils/calibration.py)")
+    c = p.add_argument_group(
+        "threshold calibration (instead of INPUTs; utils/evaluation/calibration.py)")
     c.add_argument("--calibrate", metavar="NORMAL", default=None,
                    help="normal images (file, folder or glob): print T, the inverted-CDF "
                         "(1 - a) quantile of their max pixel scores")
@@ -91,70 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 PROGRESS = "progress"  # <save_path>/progress/: run.json, and rank<r>.jsonl per process
 NOT_IN_RUN = ("save_path", "resume", "num_workers", "device", "device_id")
-
-
-class Progress:
-    """The images finished so far, so that a stopped run continues with ``--resume``:
-    ``run.json`` (the flags and the input list) and, per process, ``rank<r>.jsonl``, a line per
-    image appended once its files are written (its row, or that it was skipped)."""
-
-    def __init__(self, args: argparse.Namespace, paths: list[Path], shard: World):
-        self.folder, self.shard = Path(args.save_path) / PROGRESS, shard
-        self.run = run_flags(args, NOT_IN_RUN, inputs=[str(p) for p in paths])
-        self.rows: dict[int, dict] = {}  # input index -> scores.csv row
-        self.skipped: dict[int, str] = {}  # input index -> path
-        resume = args.resume and self._resumable()
-        if resume:
-            self._read()
-        elif shard.main:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            atomic_write(self.folder / "run.json", json.dumps(self.run))
-        shard.gather(None)  # every process has read (or process 0 has cleared) before any writes
-        self.file = open(self.folder / f"rank{shard.rank}.jsonl", "a")
-
-    def _resumable(self) -> bool:
-        if (self.folder / "run.json").exists():
-            return True
-        if self.shard.main:
-            print(f"note: --resume: no {self.folder / 'run.json'}; starting from the first "
-                  "image", file=sys.stderr)
-        return False
-
-    def _read(self) -> None:
-        path = self.folder / "run.json"
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--resume: {path} is not a progress file of predict.py: {e!r}")
-        changed = changed_keys(saved, self.run)
-        if changed:
-            names = [f"--{k}" if k != "inputs" else "INPUTs" for k in changed]
-            raise UsageError(f"--resume: {path} is from a run with other {', '.join(names)}")
-        for part in sorted(self.folder.glob("rank*.jsonl")):
-            for line in part.read_text().splitlines():
-                try:
-                    item = json.loads(line)
-                except ValueError:  # the line that a stop cut short
-                    continue
-                if "row" in item:
-                    self.rows[item["index"]] = item["row"]
-                else:
-                    self.skipped[item["index"]] = item["skipped"]
-
-    def finished(self, index: int) -> bool:
-        return index in self.rows or index in self.skipped
-
-    def record(self, index: int, row: dict | None = None, skipped: str | None = None) -> None:
-        item = {"index": index, "row": row} if row is not None else {"index": index,
-                                                                     "skipped": skipped}
-        self.file.write(json.dumps(item) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        """After ``scores.csv``: the progress is no longer needed."""
-        self.file.close()
-        if self.shard.main:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[str]]:
@@ -180,7 +116,9 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    progress = Progress(args, paths, shard)
+    progress = Progress(Path(args.save_path) / PROGRESS,
+                        run_flags(args, NOT_IN_RUN, inputs=[str(p) for p in paths]),
+                        args.resume, shard)
     writer = OutputWriter(args.save_path, args.threshold, args.save_maps, args.max_output_side)
     names = unique_names(paths)  # over all inputs: the same in every process
     mine = shard.indices(len(paths), args.batch_size)

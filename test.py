@@ -3,8 +3,8 @@ table, heat maps.
 
     python test.py --dataset mvtec --checkpoint_path ./vcp_weight/train_visa.pth
 
-The protocol itself is the library's (``utils/evaluation.py``); this script turns flags into a
-runtime, a dataset and a scoring strategy, runs it and reports. Beyond zero-shot
+The protocol itself is the library's (``utils/evaluation/protocol.py``); this script turns flags
+into a runtime, a dataset and a scoring strategy, runs it and reports. Beyond zero-shot
 (docs/scoring.md): ``--k_shot K`` compares every test patch with the patches of K normal images
 of the product's train split (``--k_shot all``: all of them; ``--coreset``: a greedy coreset of
 their patches), ``--mutual`` with those of the product's other test images (MuSc). Without these
@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_scoring_flags,
-                       at_least, changed_keys, check_output_folder, device_of, fail, model_source,
+                       at_least, check_output_folder, device_of, fail, model_source,
                        run_flags, shot_count, strategy_of)
-from utils.data import AnomalyDataset, choose_references
+from utils.data.dataset import AnomalyDataset, choose_references
 from utils.device import seed_everything
 from utils.errors import UsageError
-from utils.evaluation import PROGRESS, evaluate, write_results
+from utils.evaluation.protocol import PROGRESS, evaluate, write_results
+from utils.inference.progress import changed_keys
 from utils.paths import DEFAULT_CHECKPOINT, DEFAULT_DATA
-from utils.runtime import TorchRuntime, load_model, read_model
+from utils.inference.runtime import TorchRuntime, load_model, read_model
 from utils.scoring import Context
 
 

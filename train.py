@@ -33,17 +33,17 @@ from tqdm import tqdm
 
 from dataset.products import VAL_DATASET_FOR_TRAINING_ON, VAL_PRODUCTS
 from model import VCPCLIP, save_checkpoint
-from utils.augment import build_augment
+from utils.data.augment import build_augment
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, at_least,
                        check_output_folder, device_of, fail, model_source)
-from utils.data import AnomalyDataset, load_meta, meta_path
+from utils.data.dataset import AnomalyDataset, load_meta, meta_path
 from utils.device import autocast, seed_everything
 from utils.distributed import World
 from utils.errors import DataError, UsageError
-from utils.losses import segmentation_loss
-from utils.metrics import average_precision, binary_curve
+from model.losses import segmentation_loss
+from utils.evaluation.metrics import average_precision, binary_curve
 from utils.paths import DEFAULT_DATA
-from utils.runtime import load_model, read_model
+from utils.inference.runtime import load_model, read_model
 
 
 class TrainingError(RuntimeError):

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import build, timed  # noqa: E402
-from utils.onnx_runtime import (AbnormalMaps, ONNX_INPUT, ONNX_OUTPUTS, export_program,  # noqa: E402
+from utils.inference.onnx_runtime import (AbnormalMaps, ONNX_INPUT, ONNX_OUTPUTS, export_program,  # noqa: E402
                                  save_program, template_vocabulary)
 
 

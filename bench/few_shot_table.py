@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from utils.cli import (ArgumentParser, add_model_flags, at_least, device_of,  # noqa: E402
                        model_source, shot_count, shots)
-from utils.data import AnomalyDataset, choose_references  # noqa: E402
+from utils.data.dataset import AnomalyDataset, choose_references  # noqa: E402
 from utils.device import seed_everything  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.metrics import mean_row  # noqa: E402
-from utils.runtime import TorchRuntime  # noqa: E402
+from utils.evaluation.protocol import evaluate  # noqa: E402
+from utils.evaluation.metrics import mean_row  # noqa: E402
+from utils.inference.runtime import TorchRuntime  # noqa: E402
 from utils.scoring import FUSIONS, Context, make_strategy  # noqa: E402
 
 COLUMNS = (("auroc_px", "pixel AUROC"), ("aupro_px", "AUPRO"), ("ap_px", "pixel AP"),

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import build, peak_memory, per_image_text, timed  # noqa: E402
 from utils.device import autocast  # noqa: E402
-from utils.losses import segmentation_loss  # noqa: E402
+from model.losses import segmentation_loss  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,4 +1,5 @@
-"""Benchmark: the reference AUPRO as the naive per-threshold loop vs utils.metrics, same maps.
+"""Benchmark: the reference AUPRO as the naive per-threshold loop vs utils.evaluation.metrics,
+same maps.
 
     python bench/metrics.py                 # 60 maps of 518 x 518 (an MVTec-AD-sized product)
     python bench/metrics.py --n 4 --size 64 # CI smoke
@@ -23,7 +24,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests.helpers.naive_metrics import naive_aupro_reference, naive_pixel_metrics  # noqa: E402
-from utils.metrics import aupro_reference, evaluate_product, pixel_metrics  # noqa: E402
+from utils.evaluation.metrics import aupro_reference, evaluate_product, pixel_metrics  # noqa: E402
 
 TOL = 1e-9
 

@@ -42,12 +42,12 @@ from dataset.synthetic import SOURCES, write_product  # noqa: E402
 from model import (CLIPConfig, VCPCLIP, VCPConfig, build_vcp_clip, checkpoint_configs,  # noqa: E402
                    load_clip, read_checkpoint, save_checkpoint)
 from utils.device import autocast  # noqa: E402
-from utils.data import AnomalyDataset  # noqa: E402
+from utils.data.dataset import AnomalyDataset  # noqa: E402
 from utils.device import select_device  # noqa: E402
-from utils.evaluation import evaluate, write_results  # noqa: E402
-from utils.runtime import ModelSource, TorchRuntime  # noqa: E402
+from utils.evaluation.protocol import evaluate, write_results  # noqa: E402
+from utils.inference.runtime import ModelSource, TorchRuntime  # noqa: E402
 from tests.helpers.random_clip import write_openai_archive  # noqa: E402
-from utils.visualize import save_panel  # noqa: E402
+from utils.evaluation.visualize import save_panel  # noqa: E402
 
 NAME = "bench"
 BATCH, WORKERS = 8, 2  # test.py's defaults, used by the forward-only and ours runs

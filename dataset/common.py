@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from utils.errors import DataError
-from utils.images import IMAGE_EXTENSIONS
+from utils.data.images import IMAGE_EXTENSIONS
 
 # Destination folders of the standardized layout, relative to <dst>/<dataset>/<product>/
 # (docs/reproduction.md §9).

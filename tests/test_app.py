@@ -38,7 +38,7 @@ class Server:
         import uvicorn
 
         import app
-        from utils.web import Access, create_app
+        from utils.serving.web import Access, create_app
         self.sock = app.listen("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(create_app(service, access or Access()),
@@ -70,7 +70,7 @@ def served(tiny_archive, tiny_checkpoint, images):
     """(server, service, calls): the tiny model behind the page, ``images`` shared; ``calls``
     counts the model's runs."""
     import predict
-    from utils.service import Service
+    from utils.serving.service import Service
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
                                str(tiny_archive), "--device", "cpu", "--batch_size", "2",
                                "--num_workers", "0"])
@@ -103,8 +103,8 @@ def expected_map(path, tiny_archive, tiny_checkpoint):
     from scipy.ndimage import gaussian_filter
 
     from model import build_vcp_clip, checkpoint_configs, read_checkpoint
-    from utils.data import image_transform
-    from utils.images import read_rgb
+    from utils.data.dataset import image_transform
+    from utils.data.images import read_rgb
     cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
     model = build_vcp_clip(tiny_archive, cfg, checkpoint=tiny_checkpoint)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert wide["max_pixel_score"] == pytest.approx(float(amap.max()), abs=1e-5)
 
     # image, overlay and mask at the input's size; the mask is the kept map above T
-    from utils.outputs import binary_mask, full_size
+    from utils.inference.outputs import binary_mask, full_size
     base = f"/api/jobs/{job['id']}"
     shown = lambda path: np.asarray(Image.open(io.BytesIO(client.request(base + path)[1])))
     assert shown("/image/3.png").shape == (30, 30, 3)  # the 16-bit TIFF, as 8-bit RGB
@@ -173,7 +173,7 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
 
 
 def test_calibrate_job(served, images):
-    from utils.calibration import threshold_for
+    from utils.evaluation.calibration import threshold_for
     client = Client(served[0].url)
     inspected = client.run_job([("kind", "inspect"), ("images_folder", str(images))])
     scores = {r["name"].rsplit("/", 1)[1]: r["max_pixel_score"] for r in inspected["results"]}
@@ -192,8 +192,8 @@ def test_calibrate_job(served, images):
 
 def test_the_line_api(served, images):
     """POST /api/v1/predict answers each image at once, as a job of the page scores it."""
-    from utils.outputs import binary_mask, full_size
-    from utils.web import rle
+    from utils.inference.outputs import binary_mask, full_size
+    from utils.serving.web import rle
     server, service, _ = served
     client = Client(server.url)
     form = [("images", images / "wide.png"), ("images", images / "notes.txt"),
@@ -264,7 +264,7 @@ def test_reference_scoring_as_predict(tmp_path, images, tiny_archive, tiny_check
     with open(tmp_path / "out" / "scores.csv") as f:
         expected = {r["path"].rsplit("/", 1)[1]: float(r["max_pixel_score"])
                     for r in csv.DictReader(f)}
-    from utils.service import Service
+    from utils.serving.service import Service
     server = Server(Service(predictor_of(app.parse_args(model))))
     try:
         job = Client(server.url).run_job([("kind", "inspect"), ("images", images / "tall.jpg"),
@@ -435,8 +435,8 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
     driver = start_browser()
     try:
         from selenium.webdriver.common.by import By
-        from utils.images import read_rgb
-        from utils.outputs import full_size, overlay
+        from utils.data.images import read_rgb
+        from utils.inference.outputs import full_size, overlay
         uploads = [images / "wide.png", images / "tall.jpg"]
         amaps = [expected_map(path, tiny_archive, tiny_checkpoint) for path in uploads]
         # from the first T (0.5) to about the maps' median, so that the contours are partial
@@ -462,7 +462,7 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
         assert len(calls) == runs  # moving T did not run the model
 
         # calibration: T on the page is the quantile of the normal images' max pixel scores
-        from utils.calibration import threshold_for
+        from utils.evaluation.calibration import threshold_for
         normal = [images / "wide.png", images / "deep.tif"]
         text = calibrate_on_page(driver, normal, [images / "tall.jpg"], "0.5", out=tmp_path)
         scores = [float(expected_map(p, tiny_archive, tiny_checkpoint).max()) for p in normal]
@@ -556,7 +556,7 @@ class Gated(Counted):
 def test_a_cancelled_and_an_expired_job_on_the_page(tiny_archive, tiny_checkpoint, images):
     import predict
     from selenium.webdriver.common.by import By
-    from utils.service import Limits, Service
+    from utils.serving.service import Limits, Service
     args = predict.parse_args(["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path",
                                str(tiny_archive), "--device", "cpu", "--num_workers", "0"])
     model = Gated(predictor_of(args))

@@ -1,4 +1,4 @@
-"""utils/augment.py: determinism, image/mask alignment, photometric-only steps, reference
+"""utils/data/augment.py: determinism, image/mask alignment, photometric-only steps, reference
 semantics."""
 
 import cv2
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from utils.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
+from utils.data.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
                            adjust_saturation, box_blur, brightness_contrast, build_augment,
                            color_jitter, gauss_noise, gaussian_blur, gaussian_ksize, rot90, rotate)
 

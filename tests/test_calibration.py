@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.calibration import alarm_rate, calibrate, threshold_for
+from utils.evaluation.calibration import alarm_rate, calibrate, threshold_for
 
 
 def oracle(scores, rate) -> float:

@@ -1,4 +1,4 @@
-"""utils/data.py on a tiny standardized dataset built in a temporary folder (docs/reproduction.md
+"""utils/data/dataset.py on a tiny standardized dataset built in a temporary folder (docs/reproduction.md
 §1, §7, §9)."""
 
 import json
@@ -11,9 +11,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 
-from utils.augment import Augment
+from utils.data.augment import Augment
 from utils.errors import DataError
-from utils.data import (CLIP_MEAN, CLIP_STD, AnomalyDataset, image_transform,
+from utils.data.dataset import (CLIP_MEAN, CLIP_STD, AnomalyDataset, image_transform,
                         mask_transform, open_mask)
 
 S = 28  # output side used by most tests (any size works; small keeps the tests fast)

@@ -14,7 +14,7 @@ from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from test_coreset import naive_coreset
 from test_musc import naive_lnamd, naive_msm, naive_rscin
 from test_patch_scoring import naive_reference
-from utils.data import AnomalyDataset, choose_references
+from utils.data.dataset import AnomalyDataset, choose_references
 from utils.scoring import fuse_maps
 
 
@@ -80,13 +80,13 @@ def per_image_oracle(*args, **kwargs):
 @pytest.fixture()
 def recorded(monkeypatch):
     """What test.py's evaluation hands the metrics, per product: (raw, new, image scores)."""
-    import utils.evaluation
-    seen, evaluate_product = {}, utils.evaluation.evaluate_product
+    import utils.evaluation.protocol
+    seen, evaluate_product = {}, utils.evaluation.protocol.evaluate_product
 
     def record(raw, new, masks, labels, name, scores=None):
         seen[name] = (raw, new, scores)
         return evaluate_product(raw, new, masks, labels, name, scores=scores)
-    monkeypatch.setattr(utils.evaluation, "evaluate_product", record)
+    monkeypatch.setattr(utils.evaluation.protocol, "evaluate_product", record)
     return seen
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from utils.metrics import BLEND_NEW, BLEND_RAW, evaluate_product
+from utils.evaluation.metrics import BLEND_NEW, BLEND_RAW, evaluate_product
 from utils.scoring import fuse_maps
 
 

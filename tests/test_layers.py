@@ -1,6 +1,8 @@
 """The import layers (docs/api.md): model/ imports nothing of the project outside itself; the
 library imports no front end and not the command line (utils/cli.py); a front end imports no
-other front end. Read off the sources with ``ast``, so a lazy import inside a function counts."""
+other front end; inside utils/, the glue at its top imports no room, and each room imports only
+the rooms below it (ROOMS) and the pure leaves. Read off the sources with ``ast``, so a lazy import
+inside a function counts."""
 import ast
 from pathlib import Path
 
@@ -57,6 +59,45 @@ def test_the_library_imports_no_front_end_and_not_the_command_line(path):
         bad = {n for n in imports(path) if is_front_end(n) or n == "utils.cli"
                or n.split(".")[0] in ("bench", "tests")}
     assert not bad, f"{module_name(path)} imports {bad}"
+
+
+# utils/'s rooms and the rooms each may import; serving is the top, data the bottom. inference and
+# scoring use each other (the prediction service runs a strategy; a strategy runs a runtime).
+ROOMS = {"data": set(), "inference": {"data", "scoring"}, "scoring": {"data", "inference"},
+         "evaluation": {"data", "inference", "scoring"},
+         "serving": {"data", "inference", "scoring"}}
+# pure modules over arrays and files that any room may use; they import only the glue
+LEAVES = {"utils.evaluation.metrics", "utils.evaluation.visualize", "utils.evaluation.calibration"}
+
+
+def room(name: str) -> str | None:
+    """``utils.<room>[.<module>]`` -> the room; the glue at utils/'s top and other names -> None."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "utils" and len(parts) > 1 and parts[1] in ROOMS else None
+
+
+UTILS = [p for p in sources("utils") if p.name != "__init__.py" or p.parent.name in ROOMS]
+
+
+@pytest.mark.parametrize("path", UTILS, ids=lambda p: module_name(p))
+def test_each_room_of_utils_imports_only_the_rooms_below_it(path):
+    name, found = module_name(path), imports(path)
+    mine = room(name)
+    if name == "utils.cli":  # the front ends' layer, checked above
+        return
+    if mine is None or name in LEAVES:  # the glue and the leaves import no room at all
+        bad = {n for n in found if room(n)}
+    else:
+        bad = {n for n in found if room(n) and room(n) not in ROOMS[mine] | {mine}
+               and n not in LEAVES}
+    assert not bad, f"{name} imports {bad}"
+
+
+def test_utils_top_level_is_small_glue():
+    """The top of utils/ holds at most 8 modules beside its rooms (issue: the house)."""
+    top = sorted(p.stem for p in (ROOT / "utils").glob("*.py"))
+    assert len(top) <= 8, top
+    assert set(ROOMS) | {"scoring"} <= {p.name for p in (ROOT / "utils").iterdir() if p.is_dir()}
 
 
 FRONT_END_FILES = [ROOT / f"{n}.py" for n in sorted(FRONT_ENDS)] + [

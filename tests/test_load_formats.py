@@ -13,7 +13,7 @@ from conftest import transformers_clip
 from model import WeightsError, infer_config, load_clip, read_clip_state_dict
 from model.tokenizer import Tokenizer
 from utils.cli import add_model_flags, model_source
-from utils.runtime import load_model
+from utils.inference.runtime import load_model
 from helpers.random_clip import write_archive
 
 PROMPTS = ["a photo of a good bottle", "a photo of a damaged screw", "x", ""]

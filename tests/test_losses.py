@@ -1,4 +1,4 @@
-"""utils/losses.py against a plain-loop oracle, a hand-worked example and gradcheck
+"""model/losses.py against a plain-loop oracle, a hand-worked example and gradcheck
 (docs/reproduction.md §7)."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses import dice_loss, focal_loss, segmentation_loss
+from model.losses import dice_loss, focal_loss, segmentation_loss
 
 
 # ---------------------------------------------------------------- independent oracles (numpy loops)

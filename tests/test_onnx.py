@@ -15,9 +15,9 @@ import app
 import export
 import predict
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
-from utils.data import CLIP_MEAN, CLIP_STD
+from utils.data.dataset import CLIP_MEAN, CLIP_STD
 from utils.cli import predictor_of
-from utils.prediction import Prediction
+from utils.inference.prediction import Prediction
 
 
 pytestmark = [pytest.mark.slow]
@@ -211,7 +211,7 @@ def test_device_names_the_onnx_runtime_provider(device, device_id, available, ex
     from types import SimpleNamespace
 
     from utils.errors import UsageError
-    from utils.onnx_runtime import _onnx_providers
+    from utils.inference.onnx_runtime import _onnx_providers
     fake = SimpleNamespace(get_available_providers=lambda: available)
     if isinstance(expected, str):
         with pytest.raises(UsageError, match=expected):

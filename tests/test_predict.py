@@ -58,7 +58,7 @@ def test_formats_corrupt_file_and_threshold(tmp_path, folder, tiny_archive, tiny
 
 def test_map_is_the_unnormalized_smoothed_blend(tmp_path, folder, tiny_archive, tiny_checkpoint):
     from model import build_vcp_clip, checkpoint_configs, read_checkpoint
-    from utils.data import image_transform
+    from utils.data.dataset import image_transform
     import torch
     assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png", "--save_maps") == 0
     cfg = checkpoint_configs(read_checkpoint(tiny_checkpoint))[0]
@@ -141,7 +141,7 @@ def test_resume_after_a_failure_writes_what_an_uninterrupted_run_writes(
     """A write that fails at the 4th input (d_rgba.png, batches of 2) leaves a, b, c recorded in
     progress/; --resume reads from d's batch on (a.png is not read again) and writes every file of
     an uninterrupted run, byte for byte, and the same summary."""
-    from utils.outputs import OutputWriter
+    from utils.inference.outputs import OutputWriter
     flags = [folder, "--threshold", "0.5", "--save_maps"]
     assert run(tmp_path / "whole", tiny_archive, tiny_checkpoint, *flags) == 0
     whole = capsys.readouterr().out

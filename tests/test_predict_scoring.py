@@ -11,8 +11,8 @@ from model import build_vcp_clip, checkpoint_configs, read_checkpoint
 from model.patch_scoring import reference_memory, score_map
 from test_musc import naive_lnamd, naive_msm, naive_rscin
 from test_patch_scoring import naive_reference
-from utils.data import image_transform
-from utils.metrics import image_scores, smoothed_blend
+from utils.data.dataset import image_transform
+from utils.evaluation.metrics import image_scores, smoothed_blend
 from utils.scoring import fuse_maps
 
 

@@ -1,4 +1,4 @@
-"""utils/prediction.py and utils/outputs.py: the prediction service, driven by a runtime that is not
+"""utils/inference/prediction.py and utils/inference/outputs.py: the prediction service, driven by a runtime that is not
 the model."""
 import csv
 
@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from utils.data import image_transform
-from utils.images import read_rgb
-from utils.outputs import OutputWriter, binary_mask, full_size
-from utils.prediction import Prediction, Predictor, Skipped
-from utils.runtime import RuntimeOutput
+from utils.data.dataset import image_transform
+from utils.data.images import read_rgb
+from utils.inference.outputs import OutputWriter, binary_mask, full_size
+from utils.inference.prediction import Prediction, Predictor, Skipped
+from utils.inference.runtime import RuntimeOutput
 
 
 class RampRuntime:

@@ -1,4 +1,4 @@
-"""The inspection service (utils/service.py) with a stand-in model: the fair queue, cancellation,
+"""The inspection service (utils/serving/service.py) with a stand-in model: the fair queue, cancellation,
 retention by memory and disk, refusals; and the table of hostile requests against a running
 ``app.py`` (tiny model), each with its status, no traceback or internal path in the answer or
 the log, nothing written outside the server's folders, and ``GET /`` still answering at once."""
@@ -21,8 +21,8 @@ from PIL import Image
 
 from helpers.http_client import Client
 from utils.errors import UsageError
-from utils.prediction import Prediction
-from utils.service import Gone, LimitError, Limits, NotFound, Service
+from utils.inference.prediction import Prediction
+from utils.serving.service import Gone, LimitError, Limits, NotFound, Service
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from PIL import Image
 from dataset import synthetic
 from dataset.make_dataset_new import convert
 from dataset.make_meta import write_meta
-from utils.data import AnomalyDataset
+from utils.data.dataset import AnomalyDataset
 
 SIZE = 64
 AUX, TARGET = ("brick", "coffee"), ("chelsea",)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import test as test_script
-import utils.evaluation as evaluation
+import utils.evaluation.protocol as evaluation
 from helpers.naive_metrics import naive_evaluate_product
 from model import build_vcp_clip, checkpoint_configs, read_checkpoint
-from utils.data import AnomalyDataset
-from utils.evaluation import Evaluator, first_to_read
+from utils.data.dataset import AnomalyDataset
+from utils.evaluation.protocol import Evaluator, first_to_read
 
 
 def run_test(tmp_path, data, archive, checkpoint, *extra):

@@ -11,8 +11,8 @@ import torch
 
 import train as train_script
 from model import VCPCLIP, build_vcp_clip, load_clip, vcp_state_dict
-from utils.data import AnomalyDataset
-from utils.losses import segmentation_loss
+from utils.data.dataset import AnomalyDataset
+from model.losses import segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
-"""utils.visualize: panel geometry, content of each panel, atomic PNG writing."""
+"""utils.evaluation.visualize: panel geometry, content of each panel, atomic PNG writing."""
 
 import cv2
 import numpy as np
 import pytest
 
-from utils.visualize import PANEL_GAP, PANEL_HEIGHT, heatmap_overlay, make_panel, save_panel
+from utils.evaluation.visualize import PANEL_GAP, PANEL_HEIGHT, heatmap_overlay, make_panel, save_panel
 
 H, W = 100, 150  # -> panels 256 x 384
 WP = 384

@@ -15,10 +15,10 @@ import torch
 from model import InputError
 from utils.device import PRECISIONS, select_device
 from utils.errors import UsageError
-from utils.images import expand_inputs
+from utils.data.images import expand_inputs
 from utils.paths import DEFAULT_CLIP
-from utils.prediction import Predictor
-from utils.runtime import ModelSource, Runtime, TorchRuntime
+from utils.inference.prediction import Predictor
+from utils.inference.runtime import ModelSource, Runtime, TorchRuntime
 from utils.scoring import FUSIONS, STRATEGIES, Context, Strategy, make_strategy
 
 # What a user's flags, files, data or disk can get wrong: reported as one line, never a traceback.
@@ -73,11 +73,6 @@ def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> di
     them."""
     kept = {k: v for k, v in vars(args).items() if k not in ignored}
     return json.loads(json.dumps({**kept, **extra}))
-
-
-def changed_keys(saved: dict, now: dict) -> list[str]:
-    """The keys whose values differ between two ``run_flags`` (a key missing on one side too)."""
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
@@ -163,7 +158,7 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
             raise UsageError(f"{', '.join(fixed)} cannot be used with --onnx: the exported "
                              "model fixes the model and outputs only the zero-shot maps (see "
                              "its .json)")
-        from utils.onnx_runtime import OnnxRuntime
+        from utils.inference.onnx_runtime import OnnxRuntime
         return OnnxRuntime(args.onnx, args.device, args.device_id)
     return TorchRuntime.load(model_source(args, args.checkpoint_path), device_of(args),
                              args.precision)

@@ -1,7 +1,7 @@
 """The straightforward way to compute the docs/reproduction.md §10 metrics: the oracle and the
 baseline.
 
-Independent of ``utils.metrics``: per-call scikit-learn metrics, the reference AUPRO as a loop
+Independent of ``utils.evaluation.metrics``: per-call scikit-learn metrics, the reference AUPRO as a loop
 over thresholds that thresholds every map and labels every mask with scikit-image at each
 threshold, and the MVTec-style AUPRO from one stable argsort with per-pixel weights. Slow on
 purpose; used by the tests as the oracle and by the benchmarks as the baseline.

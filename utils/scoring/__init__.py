@@ -25,7 +25,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from utils.errors import UsageError
-from utils.runtime import Runtime, RuntimeOutput
+from utils.inference.runtime import Runtime, RuntimeOutput
 from utils.scoring.fusion import FUSIONS, fuse_maps
 
 __all__ = ["GroupScorer", "Context", "Strategy", "STRATEGIES", "register", "make_strategy",

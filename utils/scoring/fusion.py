@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.metrics import BLEND_NEW, BLEND_RAW, check_pair
+from utils.evaluation.metrics import BLEND_NEW, BLEND_RAW, check_pair
 
 __all__ = ["FUSIONS", "fuse_maps"]
 

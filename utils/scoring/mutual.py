@@ -11,8 +11,8 @@ import torch
 from model.musc import MSM_FRACTION, MUSC_R, RSCIN_K, msm_min_images, musc_scores, rscin
 from model.patch_scoring import score_map
 from utils.errors import UsageError
-from utils.metrics import max_blend_scores
-from utils.runtime import RuntimeOutput
+from utils.evaluation.metrics import max_blend_scores
+from utils.inference.runtime import RuntimeOutput
 from utils.scoring import GroupScorer, Strategy, register
 
 __all__ = ["Mutual"]

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from model.patch_scoring import reference_memory, reference_score, score_map
-from utils.data import image_transform
+from utils.data.dataset import image_transform
 from utils.errors import UsageError
-from utils.images import read_rgb
-from utils.runtime import Runtime, RuntimeOutput
+from utils.data.images import read_rgb
+from utils.inference.runtime import Runtime, RuntimeOutput
 from utils.scoring import GroupScorer, Strategy, register
 
 __all__ = ["Reference", "memory_of"]

@@ -11,9 +11,9 @@ every image, so a fixed threshold is a usable deployment setting. The image scor
 the 2000 largest pixels of each branch, added (0 to 2), or the strategy's where it gives one
 (mutual scoring: MuSc's RsCIN, in [0, 1] relative to the other images of the folder).
 
-How the maps are made is the runtime's business (``utils/runtime.py``: PyTorch, ONNX Runtime);
-how they are scored beyond zero-shot the strategy's (``utils/scoring``). With a strategy that
-makes a patch map the images are scored folder by folder: a folder's maps are fused once all of
+How the maps are made is the runtime's business (``utils/inference/runtime.py``: PyTorch, ONNX
+Runtime); how they are scored beyond zero-shot the strategy's (``utils/scoring``). With a strategy
+that makes a patch map the images are scored folder by folder: a folder's maps are fused once all of
 them are in (mutual scoring needs them all; the sum rule scales over the folder).
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
-from utils.images import folder_groups, image_batches
-from utils.metrics import image_scores, smoothed_blend
-from utils.runtime import Runtime
+from utils.data.images import folder_groups, image_batches
+from utils.evaluation.metrics import image_scores, smoothed_blend
+from utils.inference.runtime import Runtime
 from utils.scoring import Context, Strategy, ZeroShot
 
 __all__ = ["Prediction", "Skipped", "groups", "check_groups", "Predictor"]

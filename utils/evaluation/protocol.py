@@ -2,7 +2,7 @@
 per-product pixel and image metrics, the table, metrics.json and the heat-map panels
 (docs/reproduction.md §10, docs/testing.md).
 
-    from utils.evaluation import evaluate
+    from utils.evaluation.protocol import evaluate
     rows = evaluate(TorchRuntime.load(source, device), AnomalyDataset(root, "mvtec", "test"),
                     save_path)
 
@@ -30,13 +30,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from utils.data import AnomalyDataset
+from utils.data.dataset import AnomalyDataset
 from utils.errors import DataError
 from utils.files import atomic_write
-from utils.metrics import evaluate_product, format_table, mean_row
-from utils.runtime import Runtime, RuntimeOutput
+from utils.evaluation.metrics import evaluate_product, format_table, mean_row
+from utils.inference.runtime import Runtime, RuntimeOutput
 from utils.scoring import GroupScorer, Strategy, ZeroShot
-from utils.visualize import save_panel
+from utils.evaluation.visualize import save_panel
 
 __all__ = ["PROGRESS", "first_to_read", "metric_threads", "Evaluator", "write_results",
            "evaluate"]

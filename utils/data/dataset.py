@@ -22,8 +22,8 @@ are alpha-weighted, and un-premultiplied afterwards) and resizes palette ("P") a
 images with nearest neighbour whatever filter is asked. The standardized BMPs are 24-bit RGB, so
 none of this arises on the reference datasets. ``tests/test_data.py`` pins these facts.
 
-Training (docs/reproduction.md §7): an ``augment`` callable (``utils.augment.Augment``) is applied
-to the
+Training (docs/reproduction.md §7): an ``augment`` callable (``utils.data.augment.Augment``) is
+applied to the
 original-size uint8 RGB image and its {0,255} mask before the preprocessing above; with
 probability ``mosaic_rate`` a sample is replaced by a 2x2 mosaic of four anomalous images of the
 same product (see ``AnomalyDataset`` for the exact layout).
@@ -255,8 +255,8 @@ class AnomalyDataset(Dataset):
             products that have entries.
         image_size: S, the side of the square output.
         augment: optional callable ``augment(image, mask, rng) -> (image, mask)`` on uint8 RGB
-            [H,W,3] and uint8 {0,255} [H,W] arrays (``utils.augment.Augment``), applied before the
-            preprocessing. Training only.
+            [H,W,3] and uint8 {0,255} [H,W] arrays (``utils.data.augment.Augment``), applied
+            before the preprocessing. Training only.
         mosaic_rate: probability that a sample is replaced by a 2x2 mosaic of four anomalous
             images of its product (docs/reproduction.md §7; the reference uses 0.2 for MVTec-AD
             training only).

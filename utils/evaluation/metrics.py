@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from skimage.measure import label as _label_components
+from tabulate import tabulate
 
 __all__ = [
     "UndefinedMetricWarning",
@@ -820,12 +821,6 @@ def format_table(
     body = [[str(n)] + [cell(c, r.get(c, math.nan)) for c in columns] for n, r in rows.items()]
     means = mean_row(rows, columns)
     body.append(["mean"] + [cell(c, means[c]) for c in columns])
-    header = ["objects", *columns]
-    widths = [max(len(header[j]), *(len(b[j]) for b in body)) for j in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [cells[0].ljust(widths[0])] + [c.rjust(wd) for c, wd in zip(cells[1:], widths[1:])]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = "|" + "|".join("-" * (wd + 2) for wd in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
+    # the cells are formatted above, so tabulate must not re-read them as numbers ("80.00" -> 80)
+    return tabulate(body, headers=["objects", *columns], tablefmt="pipe", disable_numparse=True,
+                    colalign=("left", *("right",) * len(columns)))

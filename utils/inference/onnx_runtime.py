@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.data import CLIP_MEAN, CLIP_STD
+from utils.data.dataset import CLIP_MEAN, CLIP_STD
 from utils.errors import UsageError
 from utils.files import atomic_write
-from utils.runtime import RuntimeOutput
+from utils.inference.runtime import RuntimeOutput
 
 __all__ = ["ONNX_FORMAT", "ONNX_INPUT", "ONNX_OUTPUTS", "EXPORT_DTYPES", "sidecar_path",
            "read_sidecar", "OnnxRuntime", "AbnormalMaps", "template_vocabulary", "export_program",

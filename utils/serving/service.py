@@ -1,5 +1,5 @@
 """The inspection service: jobs of images through one ``Predictor`` (the code ``predict.py`` runs),
-shared by the inspection page and the HTTP API (``utils/web.py``).
+shared by the inspection page and the HTTP API (``utils/serving/web.py``).
 
     service = Service(predictor, Limits(), folders=["/data/line3"])
     job = service.submit(client, "inspect", {"images": [(path, name), ...]}, folder)
@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utils.calibration import calibrate
+from utils.evaluation.calibration import calibrate
 from utils.errors import InputError, UsageError
-from utils.images import IMAGE_EXTENSIONS, read_rgb, unique_names
-from utils.outputs import binary_mask, capped_size, full_size, overlay
-from utils.prediction import Prediction, Predictor
-from utils.visualize import png_bytes
+from utils.data.images import IMAGE_EXTENSIONS, read_rgb, unique_names
+from utils.inference.outputs import binary_mask, capped_size, full_size, overlay
+from utils.inference.prediction import Prediction, Predictor
+from utils.evaluation.visualize import png_bytes
 
 __all__ = ["Limits", "LimitError", "NotFound", "Gone", "Folders", "safe_name", "check_pixels",
            "Job", "Service", "GROUPS", "PICTURES", "removed_on_error", "draw"]

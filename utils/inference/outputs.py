@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 
 from utils.files import atomic_write
-from utils.images import read_rgb
-from utils.prediction import Prediction
-from utils.visualize import heatmap_overlay, write_png
+from utils.data.images import read_rgb
+from utils.inference.prediction import Prediction
+from utils.evaluation.visualize import heatmap_overlay, write_png
 
 __all__ = ["SCORE_FIELDS", "capped_size", "full_size", "overlay", "binary_mask", "scores_csv",
            "OUTPUTS", "OutputWriter"]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils.data import image_transform
+from utils.data.dataset import image_transform
 from utils.errors import UsageError
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "read_rgb", "unique_names", "folder_groups",

@@ -34,10 +34,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from utils.errors import InputError, UsageError
-from utils.images import IMAGE_EXTENSIONS
-from utils.outputs import scores_csv
+from utils.data.images import IMAGE_EXTENSIONS
+from utils.inference.outputs import scores_csv
 from utils.paths import ROOT
-from utils.service import (GROUPS, PICTURES, Gone, LimitError, NotFound, Service,
+from utils.serving.service import (GROUPS, PICTURES, Gone, LimitError, NotFound, Service,
                            removed_on_error, safe_name)
 
 __all__ = ["Access", "LOOPBACK", "create_app", "rle"]

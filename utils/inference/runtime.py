@@ -1,7 +1,7 @@
 """The runtime seam: images in, the two abnormal maps (and, where the runtime has them, the
-model's other outputs) out. ``TorchRuntime`` runs the PyTorch model; ``utils/onnx_runtime.py``
-runs an exported graph on ONNX Runtime; a next runtime (OpenVINO, TensorRT) is one more class with
-the same three members.
+model's other outputs) out. ``TorchRuntime`` runs the PyTorch model;
+``utils/inference/onnx_runtime.py`` runs an exported graph on ONNX Runtime; a next runtime
+(OpenVINO, TensorRT) is one more class with the same three members.
 
 Also here: where a PyTorch model comes from (``ModelSource``) and the one way it is built.
 """

@@ -39,7 +39,7 @@ the same distribution:
 
 Photometric steps touch only the image; geometric steps move image and mask together. Every random
 draw comes from an explicit ``numpy.random.Generator`` passed to ``__call__``, so a seed fixes the
-result (``utils.data`` seeds one per sample from torch's RNG).
+result (``utils.data.dataset`` seeds one per sample from torch's RNG).
 """
 
 from __future__ import annotations
