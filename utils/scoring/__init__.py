@@ -59,6 +59,9 @@ class Context:
     # the normal reference images: the same for every group, or a group's (a function of its name)
     references: list[Path] | Callable[[str], list[Path]] | None = None
     batch_size: int = 8
+    # what ``Strategy.memory`` gave for these ``references`` (a list) earlier, in another process
+    # maybe (a product profile's cache): used as it is, not built again
+    memory: list | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,16 @@ class Strategy:
 
     def group(self, name: str) -> GroupScorer:
         raise NotImplementedError
+
+    @property
+    def memory(self) -> list | None:
+        """What ``prepare`` built from the references that every group shares, to be kept and
+        given back as ``Context.memory`` (per tapped layer a tensor); None: nothing."""
+        return None
+
+    def memory_bytes(self, references: int) -> int:
+        """Bytes that ``prepare`` keeps for that many references (at most)."""
+        return 0
 
     def describe(self) -> dict:
         """What metrics.json and the page say of this scoring (None-free JSON)."""

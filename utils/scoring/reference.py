@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.coreset import coreset_size
 from model.patch_scoring import reference_memory, reference_score, score_map
 from utils.data.dataset import image_transform
 from utils.errors import UsageError
@@ -17,7 +18,7 @@ from utils.data.images import read_rgb
 from utils.inference.runtime import Runtime, RuntimeOutput
 from utils.scoring import GroupScorer, Strategy, register
 
-__all__ = ["Reference", "memory_of"]
+__all__ = ["Reference", "memory_of", "memory_bytes"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ def memory_of(paths: list[Path], runtime: Runtime, image_size: int, batch_size: 
         return reference_memory(stacked(), coreset)
 
 
+def memory_bytes(runtime: Runtime, references: int, coreset: float = 1.0) -> int:
+    """Bytes of ``memory_of`` ``references`` images in float32 (its size in fp16 is half):
+    per tapped layer the coreset of their L patch tokens of the backbone's width W."""
+    model = runtime.model
+    patches = (runtime.image_size // model.clip.cfg.patch_size) ** 2  # L
+    kept = coreset_size(references * patches, coreset) if references else 0
+    return len(model.cfg.features_list) * kept * model.clip.cfg.vision_width * 4
+
+
 class _ReferenceMaps(GroupScorer):
     """Each batch's rows scored against the group's memory as they arrive."""
 
@@ -88,8 +98,19 @@ class Reference(Strategy):
             raise UsageError(f"must be in (0, 1], got {self.options.coreset}", option="coreset")
 
     def prepare(self) -> None:
-        if isinstance(self.context.references, list):
-            self._memory_for(self.context.references)
+        c = self.context
+        if isinstance(c.references, list):
+            if c.memory is not None:
+                self._paths, self._memory = c.references, c.memory
+            self._memory_for(c.references)
+
+    @property
+    def memory(self) -> list[torch.Tensor] | None:
+        return self._memory if isinstance(self.context.references, list) else None
+
+    def memory_bytes(self, references: int) -> int:
+        """float32 tokens of ``references`` images, each layer's coreset of them kept."""
+        return memory_bytes(self.context.runtime, references, self.options.coreset)
 
     def group(self, name: str) -> GroupScorer:
         refs = self.context.references
