@@ -137,7 +137,7 @@ def test_limits_refuse_before_any_model_work(tmp_path):
             submit(service, "a", n=3)
         with pytest.raises(LimitError, match="too large .12x10."):
             submit(service, "a", n=1)
-        assert list(service.root.iterdir()) == []  # refused jobs leave no folder
+        assert [p.name for p in service.root.iterdir()] == [".owner"]  # refused jobs: no folder
     finally:
         service.close()
 

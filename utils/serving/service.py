@@ -5,6 +5,10 @@ shared by the inspection page and the HTTP API (``utils/serving/web.py``).
     job = service.submit(client, "inspect", {"images": [(path, name), ...]}, folder)
     service.status(client, job.id, since=0)      # progress, queue position, new results
     service.render(client, job.id, 0, "overlay") # PNG bytes at most Limits.output_side a side
+    scoring = service.scoring(references=[(path, name), ...], options={"coreset": 0.1})
+    job = service.submit(client, "inspect", inputs, folder, scoring=scoring)  # its own scoring
+    job = service.save_profile(client, "bracket-7", scoring, folder, threshold=0.4)
+    scoring = service.scoring(profile="bracket-7")  # its references, settings, cached memory
 
 What keeps it safe and steady (docs/app.md):
 
@@ -20,10 +24,17 @@ What keeps it safe and steady (docs/app.md):
   is not followed), without globs, regular files only, with a time and a count limit;
 - every image's pixel count is checked from its header before it is decoded;
 - what is rendered is at most ``output_side`` pixels a side (a preview is made once per big image);
-- messages name the user's files by the names the user gave, never the server's paths.
+- messages name the user's files by the names the user gave, never the server's paths;
+- a job may bring its own scoring (``Scoring``: a strategy of ``utils/scoring`` with its options,
+  fusion and normal reference images, or a product profile's, ``utils/serving/profiles.py``); the
+  server's scoring is the default. Its reference memory is built (or read from the profile's
+  cache) when it runs, counts against the memory limit while it runs, and is dropped after;
+- the uploads live in a folder of the system's temporary folder, locked while the server runs; a
+  start removes the upload folders of servers that were killed.
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import math
@@ -38,7 +49,7 @@ import time
 import warnings
 from collections import OrderedDict, deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +61,19 @@ from utils.data.images import IMAGE_EXTENSIONS, read_rgb, unique_names
 from utils.inference.outputs import binary_mask, capped_size, full_size, overlay
 from utils.inference.prediction import Prediction, Predictor
 from utils.evaluation.visualize import png_bytes
+from utils.scoring import FUSIONS, STRATEGIES, Context, Strategy, make_strategy
+from utils.serving.errors import Gone, LimitError, NotFound
+from utils.serving.profiles import Profile, Profiles, check_name, model_key
 
 __all__ = ["Limits", "LimitError", "NotFound", "Gone", "Folders", "safe_name", "check_pixels",
-           "Job", "Service", "GROUPS", "PICTURES", "removed_on_error", "draw"]
+           "Scoring", "Job", "Service", "GROUPS", "PICTURES", "removed_on_error", "draw"]
 
 log = logging.getLogger("vcp.service")
 PICTURES = ("image", "overlay", "mask")
 GROUPS = {"inspect": ("images",), "calibrate": ("normal", "defective")}  # kind -> input groups
 MiB = 2 ** 20
+UPLOADS = "vcp_app_"  # the upload folders' prefix in the system's temporary folder
+OWNER = ".owner"  # the file in an upload folder that its server holds locked
 
 
 @dataclass(frozen=True)
@@ -74,18 +90,6 @@ class Limits:
     folder_seconds: float = 5.0  # time to list one server folder
     sync_images: int = 16  # images of one synchronous API call
     output_side: int = 2048  # longest side of an image, overlay or mask that is rendered
-
-
-class LimitError(UsageError):
-    """A request beyond a limit (HTTP 413)."""
-
-
-class NotFound(UsageError):
-    """No such job or image for this client (HTTP 404)."""
-
-
-class Gone(UsageError):
-    """A job that existed and is no longer kept (HTTP 410)."""
 
 
 def safe_name(name: str) -> str:
@@ -178,6 +182,35 @@ def _clean(reason: str, path: Path, name: str) -> str:
     return reason.replace(str(path), name)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """A job's own scoring: the strategy ``name`` with its options read from ``settings`` (other
+    keys are ignored), the ``fusion`` rule, the normal reference images (path, name as the user
+    gave it) and the product profile they come from."""
+
+    name: str
+    settings: dict
+    fusion: str
+    references: tuple[tuple[Path, str], ...] = ()
+    profile: Profile | None = None
+
+    def strategy(self, runtime, batch_size: int, memory: list | None = None) -> Strategy:
+        """The strategy (checked), on ``runtime``; ``memory``: its references' memory, built."""
+        references = [p for p, _ in self.references] or None
+        return make_strategy(self.name, self.settings, Context(
+            runtime, runtime.image_size, references, batch_size, memory), self.fusion)
+
+    def settings_of(self, strategy: Strategy) -> dict:
+        """What a profile keeps of it: the strategy's name, fusion and every option."""
+        return {"scoring": self.name, "fusion": self.fusion, **asdict(strategy.options)}
+
+    def describe(self) -> dict:
+        """What a job's status says of it."""
+        profile = self.profile.name if self.profile else None
+        return {"scoring": self.name, "fusion": self.fusion, "references": len(self.references),
+                "profile": profile}
+
+
 @dataclass
 class Item:
     """One predicted image of a job; ``amap`` [S, S] float32 (inspection jobs only)."""
@@ -222,24 +255,30 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     over: threading.Event = field(default_factory=threading.Event)  # finished or cancelled
     used: float = field(default_factory=time.monotonic)
+    scoring: Scoring | None = None  # None: the server's
+    references_memory: int = 0  # bytes of ``memory`` that its reference memory holds while it runs
+    save_as: dict | None = None  # a "profile" job: the profile's name, threshold and tile
+    profile: dict | None = None  # the profile it used or wrote, as listed
 
     @property
     def total(self) -> int:
         return sum(len(v) for v in self.inputs.values())
 
     def run(self, predictor: Predictor, side: int) -> None:
-        """Predict every group in order (in the worker thread); never raises."""
-        try:
-            for group, inputs in self.inputs.items():
-                if not self._group(predictor, group, inputs, side):
-                    return
-            if self.kind == "calibrate":
-                self._calibrate()
-        except InputError as e:
-            self.error = str(e)
-        except Exception as e:  # reported without internals; the server keeps serving
-            log.error("job failed: %s", type(e).__name__)
-            self.error = f"the model failed on this job ({type(e).__name__})"
+        """Predict every group in order (in the worker thread)."""
+        for group, inputs in self.inputs.items():
+            if not self._group(predictor, group, inputs, side):
+                return
+        if self.kind == "calibrate":
+            self._calibrate()
+
+    def clean(self, message: str) -> str:
+        """``message`` with the server's path of each of its files replaced by the user's name."""
+        files = [*itertools.chain(*self.inputs.values()),
+                 *(self.scoring.references if self.scoring else ())]
+        for path, name in sorted(files, key=lambda f: -len(str(f[0]))):
+            message = _clean(message, path, name)
+        return message
 
     def _group(self, predictor: Predictor, group: str, inputs, side: int) -> bool:
         """Predict one group; False when the job was cancelled meanwhile."""
@@ -289,7 +328,9 @@ class Job:
                 "position": position, "error": self.error,
                 "results": [i.summary() for i in items[since:]], "result_count": len(items),
                 "skipped": skipped[skipped_since:], "skipped_count": len(skipped),
-                "calibration": self.calibration}
+                "calibration": self.calibration,
+                "scoring": self.scoring.describe() if self.scoring else None,
+                "profile": self.profile}
 
     def item(self, index: int) -> Item:
         """The inspected image ``index`` (calibration jobs keep no maps)."""
@@ -306,13 +347,23 @@ class Service:
     queue; the one object the page and the HTTP API serve."""
 
     def __init__(self, predictor: Predictor, limits: Limits = Limits(),
-                 folders: list[str | Path] = (), threshold: float = 0.5, description: str = ""):
-        self.predictor, self.limits = predictor, limits
+                 folders: list[str | Path] = (), threshold: float = 0.5, description: str = "",
+                 profiles: Profiles | None = None, scoring_defaults: dict | None = None):
+        """``profiles``: where product profiles are kept (None: none); ``scoring_defaults``: the
+        options of every strategy that a job's own scoring takes where it gives none (e.g. the
+        server's flags; default: those of the server's own strategy, then each one's)."""
+        self.predictor, self.limits, self.profiles = predictor, limits, profiles
+        self.scoring_defaults = dict(scoring_defaults or {})
         self.folders = Folders(list(folders), limits)
         self.info = {"model": description, "threshold": threshold,
                      "folders": bool(self.folders.roots), "max_files": limits.files_per_job,
                      "max_request_bytes": limits.request_bytes}
-        self.root = Path(tempfile.mkdtemp(prefix="vcp_app_"))
+        self.root, self.owner = claim_uploads()
+        removed = remove_abandoned_uploads()
+        if removed:
+            log.warning("removed %d upload folder(s) that killed servers left: %s", len(removed),
+                        ", ".join(removed))
+        self._model_key: str | None = None
         self.jobs: dict[str, Job] = {}
         self.gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (client, why)
         self.queues: dict[str, deque[Job]] = {}  # client -> its waiting jobs
@@ -342,24 +393,120 @@ class Service:
             self._make_room(0, disk)
 
     def submit(self, client: str, kind: str, inputs: dict[str, list[tuple[Path, str]]],
-               folder: Path, false_alarm_rate: float = 0.0) -> Job:
-        """Queue a job of these inputs (checked: counts, pixels); its ``folder`` is the job's
-        from now on, removed with it, and removed at once when the job is refused."""
+               folder: Path, false_alarm_rate: float = 0.0, scoring: Scoring | None = None,
+               save_as: dict | None = None) -> Job:
+        """Queue a job of these inputs (checked: counts, pixels), scored by ``scoring`` (None:
+        the server's; ``Service.scoring`` makes it); its ``folder`` is the job's from now on,
+        removed with it, and removed at once when the job is refused. ``save_as`` is
+        ``save_profile``'s."""
         with removed_on_error(folder):
+            references = list(scoring.references) if scoring and not scoring.profile else []
             total = sum(len(v) for v in inputs.values())
-            if total > self.limits.files_per_job:
-                raise LimitError(f"{total} images in one job: this server takes at most "
-                                 f"{self.limits.files_per_job}")
-            for path, name in itertools.chain(*inputs.values()):
+            if total + len(references) > self.limits.files_per_job:
+                raise LimitError(f"{total + len(references)} images in one job: this server "
+                                 f"takes at most {self.limits.files_per_job}")
+            for path, name in itertools.chain(*inputs.values(), references):
                 check_pixels(path, name, self.limits.pixels_per_image)
-            memory = self.map_bytes * total if kind == "inspect" else 0
-            job = Job(client, kind, inputs, folder, _size_of(folder), memory, false_alarm_rate)
+            held = self._references_memory(scoring, inputs)
+            memory = (self.map_bytes * total if kind == "inspect" else 0) + held
+            job = Job(client, kind, inputs, folder, _size_of(folder), memory, false_alarm_rate,
+                      scoring=scoring, references_memory=held, save_as=save_as,
+                      profile=scoring.profile.summary() if scoring and scoring.profile else None)
             with self.cond:
                 self._make_room(job.memory, job.disk)
                 self.jobs[job.id] = job
                 self.queues.setdefault(client, deque()).append(job)
                 self.cond.notify_all()
             return job
+
+    # -- scoring and profiles -----------------------------------------------------------------
+    def scoring(self, references: list[tuple[Path, str]] = (), name: str | None = None,
+                fusion: str | None = None, options: dict | None = None,
+                profile: str | None = None) -> Scoring | None:
+        """A job's own scoring from what a request gives, checked before any model work: the
+        strategy ``name`` (default: reference scoring with ``references``, else the server's),
+        ``fusion`` and ``options`` (default: the server's), the normal ``references`` (path, name
+        as given; default for reference scoring: the server's); or a ``profile``'s. None: the
+        server's scoring as it is."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        given = bool(references) or name is not None or fusion is not None or bool(options)
+        if profile is not None:
+            if given:
+                raise UsageError("a profile brings its own references and scoring: give a "
+                                 "profile or those, not both", option="profile")
+            return self._profile_scoring(self._profiles().read(profile))
+        if not given:
+            return None
+        scoring, base = self._scoring(references, name, fusion, options), self.predictor.strategy
+        strategy = scoring.strategy(self.predictor.runtime, self.predictor.batch_size)
+        server_references = base.context.references if base.context else None
+        same_references = [p for p, _ in scoring.references] == (server_references or [])
+        return None if same_references and strategy.describe() == base.describe() else scoring
+
+    def _scoring(self, references=(), name: str | None = None, fusion: str | None = None,
+                 options: dict | None = None) -> Scoring:
+        """``scoring``'s, whether or not it is the server's."""
+        base = self.predictor.strategy
+        name = name or ("reference" if references else base.name)
+        if fusion is not None and fusion not in FUSIONS:
+            raise UsageError(f"{str(fusion)[:40]!r}: expected one of {', '.join(FUSIONS)}",
+                             option="fusion")
+        settings = {**asdict(base.options), **self.scoring_defaults, **(options or {})}
+        make_strategy(name, settings, None)  # the name and the options, checked
+        needs = STRATEGIES[name].needs_references
+        if references and not needs:
+            raise UsageError(f"normal reference images are read by reference scoring only, not "
+                             f"by {name}", option="scoring")
+        server_references = base.context.references if base.context else None
+        if needs and not references:
+            if not isinstance(server_references, list):
+                raise UsageError(f"{name} scoring needs normal reference images: give some",
+                                 option="references")
+            references = [(p, p.name) for p in server_references]
+        scoring = Scoring(name, settings, fusion or base.fusion, tuple(references))
+        scoring.strategy(self.predictor.runtime, self.predictor.batch_size)  # checked on it
+        return scoring
+
+    def save_profile(self, client: str, name: str, scoring: Scoring | None, folder: Path,
+                     threshold: float | None = None, tile: int | None = None) -> Job:
+        """Queue a job that builds ``scoring``'s reference memory (None: the server's scoring)
+        and saves it with its references, ``threshold`` and ``tile`` as the profile ``name``,
+        created or replaced; the job's ``profile`` is then its summary. ``folder`` is the
+        job's, as in ``submit``."""
+        with removed_on_error(folder):
+            check_name(name)
+            scoring = scoring or self._scoring(name=self.predictor.strategy.name)
+            self._profiles().check_room(name, len(scoring.references), _size_of(folder)
+                                        + self._references_memory(scoring, {}))
+        save_as = {"name": name, "threshold": threshold, "tile": tile}
+        return self.submit(client, "profile", {}, folder, scoring=scoring, save_as=save_as)
+
+    def _profiles(self) -> Profiles:
+        if self.profiles is None:
+            raise UsageError("this server keeps no profiles", option="profile")
+        return self.profiles
+
+    def _profile_scoring(self, profile: Profile) -> Scoring:
+        s = profile.settings
+        return Scoring(s["scoring"], s, s["fusion"], tuple(profile.references), profile)
+
+    def _references_memory(self, scoring: Scoring | None, inputs: dict) -> int:
+        """Bytes of the reference memory that ``scoring`` builds for a job of ``inputs``; too few
+        images for its strategy are refused."""
+        if scoring is None:
+            return 0
+        strategy = scoring.strategy(self.predictor.runtime, self.predictor.batch_size)
+        sizes = {"the images" if g == "images" else f"the {g} images": len(v)
+                 for g, v in inputs.items() if v}
+        strategy.check_sizes(sizes, "group")
+        return strategy.memory_bytes(len(scoring.references))
+
+    @property
+    def model_key(self) -> str:
+        """What the cached reference memories of profiles are keyed by (``model_key``)."""
+        if self._model_key is None:
+            self._model_key = model_key(self.predictor.runtime)
+        return self._model_key
 
     def job(self, client: str, job_id: str) -> Job:
         """The client's job ``job_id`` (another client's is not found)."""
@@ -412,6 +559,7 @@ class Service:
             self.cond.notify_all()
         self.worker.join(timeout=5)
         shutil.rmtree(self.root, ignore_errors=True)
+        os.close(self.owner)
 
     # -- what a job shows ---------------------------------------------------------------------
     def picture(self, client: str, job_id: str, index: int, what: str,
@@ -450,9 +598,52 @@ class Service:
                     return
                 job = self._next()
                 job.state = "running"
-            job.run(self.predictor, self.limits.output_side)
+            self._run(job)
             with self.cond:
+                job.memory -= job.references_memory  # dropped with the job's predictor
+                job.references_memory = 0
                 self._over(job, "cancelled" if job.cancel.is_set() else "finished")
+
+    def _run(self, job: Job) -> None:
+        """Run a job with its scoring (in the worker thread); never raises."""
+        try:
+            predictor = self._predictor(job)
+            if job.kind == "profile":
+                job.profile = self._save(job, predictor.strategy)
+            else:
+                job.run(predictor, self.limits.output_side)
+        except InputError as e:
+            job.error = job.clean(str(e))
+        except Exception as e:  # reported without internals; the server keeps serving
+            log.error("job failed: %s", type(e).__name__)
+            job.error = f"the model failed on this job ({type(e).__name__})"
+
+    def _predictor(self, job: Job) -> Predictor:
+        """The server's predictor, or one of the job's own scoring: its reference memory built
+        (and cached in its profile) or read from its profile's cache."""
+        scoring, default = job.scoring, self.predictor
+        if scoring is None:
+            return default
+        profile, runtime = scoring.profile, default.runtime
+        cached = None
+        if profile is not None and scoring.references:
+            cached = self.profiles.memory(profile, self.model_key, runtime.device)
+        predictor = Predictor(runtime, scoring.strategy(runtime, default.batch_size, cached),
+                              default.batch_size, default.num_workers)
+        if profile is not None and cached is None and predictor.strategy.memory is not None:
+            self.profiles.keep_memory(profile, self.model_key, predictor.strategy.memory)
+        return predictor
+
+    def _save(self, job: Job, strategy: Strategy) -> dict | None:
+        """A "profile" job's profile, written with the memory its predictor built (None: the
+        job was cancelled first)."""
+        if job.cancel.is_set():
+            return None
+        memory = strategy.memory
+        settings = {**job.scoring.settings_of(strategy), "threshold": job.save_as["threshold"],
+                    "tile": job.save_as["tile"]}
+        return self.profiles.save(job.save_as["name"], list(job.scoring.references), settings,
+                                  memory, self.model_key if memory is not None else None)
 
     def _order(self) -> list[Job]:
         """The waiting jobs in the order they will run: each time, the oldest job of the client
@@ -529,6 +720,35 @@ class Service:
             self._drop(min(done, key=lambda j: (-share[j.client], j.used)),
                        "has expired: the server keeps finished jobs while its memory and disk "
                        "allow; run it again")
+
+
+def claim_uploads() -> tuple[Path, int]:
+    """A new upload folder in the system's temporary folder and the descriptor of its owner
+    file, locked for as long as this process holds it open (the lock dies with the process)."""
+    root = Path(tempfile.mkdtemp(prefix=UPLOADS))
+    owner = os.open(root / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    return root, owner
+
+
+def remove_abandoned_uploads() -> list[str]:
+    """Remove the upload folders whose owner file no server holds locked (their server was
+    killed); their names. A folder without an owner file (being made) is left alone."""
+    removed = []
+    for root in Path(tempfile.gettempdir()).glob(UPLOADS + "*"):
+        try:
+            owner = os.open(root / OWNER, os.O_RDWR)
+        except OSError:  # no owner file, or another user's
+            continue
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root.name)
+        except OSError:  # a live server's
+            pass
+        finally:
+            os.close(owner)
+    return removed
 
 
 @contextmanager

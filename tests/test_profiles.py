@@ -1,0 +1,412 @@
+"""Per-job scoring and product profiles in the service (utils/serving/service.py,
+utils/serving/profiles.py), without HTTP: a profile's and a job's own references score as
+``predict.py --reference`` does, the cached memory is read after a restart (not built again), a
+kill at any line of a profile's write leaves the old or the new profile after the next start,
+hostile names and limits are refused, a corrupt reference is named, and the upload folder of a
+killed server is removed at the next start."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from utils.cli import predictor_of
+from utils.errors import UsageError
+from utils.inference.prediction import Predictor
+from utils.inference.runtime import TorchRuntime
+from utils.scoring import Context, make_strategy, reference
+from utils.serving import profiles as profiles_module
+from utils.serving.profiles import ProfileLimits, Profiles, check_name, model_key
+from utils.serving.service import (LimitError, Limits, NotFound, Service, claim_uploads,
+                                   remove_abandoned_uploads)
+
+
+def photo(path: Path, seed: int, size=(50, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """good/ (4 normal references) and line/ (5 images to inspect)."""
+    root = tmp_path_factory.mktemp("photos")
+    for k in range(4):
+        photo(root / "good" / f"g{k}.png", 10 + k)
+    for k in range(5):
+        photo(root / "line" / f"i{k}.png", 20 + k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_flags(tiny_archive, tiny_checkpoint):
+    return ["--checkpoint_path", str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+            "--device", "cpu", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def predictor(model_flags):
+    """The tiny model, zero-shot: the server's default scoring."""
+    return predictor_of(predict.parse_args(model_flags))
+
+
+@pytest.fixture(scope="module")
+def predicted(photos, model_flags, tmp_path_factory):
+    """``predict.py line/`` with ``--reference good/`` (and ``--coreset 0.5``) and with
+    ``--mutual``: name -> max pixel score."""
+    def run(*flags):
+        out = tmp_path_factory.mktemp("out")
+        assert predict.main([str(photos / "line"), "--save_path", str(out), *flags,
+                             *model_flags]) == 0
+        with open(out / "scores.csv") as f:
+            return {Path(r["path"]).name: float(r["max_pixel_score"]) for r in csv.DictReader(f)}
+    return {"reference": run("--reference", str(photos / "good")),
+            "coreset": run("--reference", str(photos / "good"), "--coreset", "0.5"),
+            "mutual": run("--mutual")}
+
+
+def uploaded(service: Service, sources: dict[str, list[Path]]):
+    """A job folder with copies of ``sources`` (group -> files) as the web side stores uploads;
+    the folder and group -> [(path, name as given)]."""
+    folder, inputs = service.new_folder(), {}
+    for group, files in sources.items():
+        (folder / group).mkdir()
+        inputs[group] = [(Path(shutil.copy(f, folder / group / f"{k:05d}.png")), f.name)
+                         for k, f in enumerate(files)]
+    return folder, inputs
+
+
+def finished(job, timeout=60):
+    assert job.over.wait(timeout), job.state
+    assert job.error is None, job.error
+    return job
+
+
+def inspect(service: Service, photos: Path, scoring) -> dict[str, float]:
+    folder, inputs = uploaded(service, {"images": sorted((photos / "line").iterdir())})
+    job = finished(service.submit("a", "inspect", inputs, folder, scoring=scoring))
+    return {i.name: i.max_pixel_score for i in job.items}
+
+
+def save(service: Service, name: str, references: list[Path], **settings):
+    folder, inputs = uploaded(service, {"references": references})
+    scoring = service.scoring(inputs["references"], options={"coreset": settings.pop("coreset",
+                                                                                    None)})
+    return service.save_profile("a", name, scoring, folder, **settings)
+
+
+def test_profile_and_job_references_score_as_predict_reference(photos, predictor, predicted,
+                                                                tmp_path, monkeypatch):
+    store = tmp_path / "profiles"
+    service = Service(predictor, profiles=Profiles(store))
+    try:
+        zero_shot = inspect(service, photos, None)
+        references = sorted((photos / "good").iterdir())
+        folder, inputs = uploaded(service, {"references": references})
+        own = service.scoring(inputs["references"])
+        assert inspect(service, photos, own) == pytest.approx(predicted["reference"], abs=1e-4)
+        assert inspect(service, photos, service.scoring(name="mutual")) == pytest.approx(
+            predicted["mutual"], abs=1e-4)
+
+        job = finished(save(service, "bracket-7", references, threshold=0.3))
+        assert job.profile["name"] == "bracket-7" and job.profile["references"] == 4
+        assert job.profile["threshold"] == 0.3 and job.profile["scoring"] == "reference"
+        assert service.profiles.list() == [job.profile]
+        used = service.scoring(profile="bracket-7")
+        scores = inspect(service, photos, used)
+        assert scores == pytest.approx(predicted["reference"], abs=1e-4)
+        assert scores != pytest.approx(zero_shot, abs=1e-4)
+        finished(save(service, "half", references, coreset=0.5))
+        assert inspect(service, photos, service.scoring(profile="half")) == pytest.approx(
+            predicted["coreset"], abs=1e-4)
+    finally:
+        service.close()
+
+    # a restart: the memory is read from the profile's cache, never built again
+    built = []
+    monkeypatch.setattr(reference, "memory_of", lambda *a, **k: built.append(1) or 1 / 0)
+    service = Service(predictor, profiles=Profiles(store))
+    try:
+        job_scores = inspect(service, photos, service.scoring(profile="bracket-7"))
+        assert job_scores == scores and built == []
+        # another model's cache is not used: built once, and kept in its place
+        monkeypatch.undo()
+        calls = []
+        monkeypatch.setattr(reference, "memory_of", lambda *a, **k: calls.append(1) or real(
+            *a, **k))
+        service._model_key = "another-model"
+        assert inspect(service, photos, service.scoring(profile="bracket-7")) == scores
+        inspect(service, photos, service.scoring(profile="bracket-7"))
+        assert calls == [1]
+        assert [p.name for p in (store / "bracket-7").glob("memory-*")] == [
+            "memory-another-model.safetensors"]
+    finally:
+        service.close()
+
+
+real = reference.memory_of
+
+
+def test_the_reference_memory_counts_against_the_memory_limit(photos, predictor, tmp_path):
+    references = sorted((photos / "good").iterdir())
+    runtime = predictor.runtime
+    built = reference.memory_of(references, runtime, runtime.image_size, coreset=0.5)
+    assert sum(t.numel() * t.element_size() for t in built) == reference.memory_bytes(
+        runtime, 4, 0.5)
+    # room for the maps of 5 images and 2 references' memory, not 4
+    maps = 5 * 4 * runtime.image_size ** 2
+    service = Service(predictor, Limits(memory_bytes=maps + reference.memory_bytes(runtime, 2)))
+    try:
+        folder, inputs = uploaded(service, {"images": sorted((photos / "line").iterdir()),
+                                            "references": references})
+        with pytest.raises(LimitError, match="server is full"):
+            service.submit("a", "inspect", {"images": inputs["images"]}, folder,
+                           scoring=service.scoring(inputs["references"]))
+        assert not folder.exists()
+        folder, inputs = uploaded(service, {"images": sorted((photos / "line").iterdir()),
+                                            "references": references[:2]})
+        job = finished(service.submit("a", "inspect", {"images": inputs["images"]}, folder,
+                                      scoring=service.scoring(inputs["references"])))
+        assert job.memory == maps  # the memory is dropped once the job has run
+    finally:
+        service.close()
+
+
+def test_bad_scoring_and_corrupt_references_are_named(photos, predictor, tmp_path):
+    service = Service(predictor, profiles=Profiles(tmp_path / "profiles"))
+    try:
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not an image")
+        references = [*sorted((photos / "good").iterdir())[:2], bad]
+        folder, inputs = uploaded(service, {"images": [photos / "line" / "i0.png"],
+                                            "references": references})
+        job = service.submit("a", "inspect", {"images": inputs["images"]}, folder,
+                             scoring=service.scoring(inputs["references"]))
+        assert job.over.wait(60)
+        assert job.error.startswith("reference image bad.png: cannot read it (")
+        assert str(service.root) not in job.error and "/tmp" not in job.error
+        job = save(service, "p", references)
+        assert job.over.wait(60) and "reference image bad.png" in job.error
+        assert service.profiles.list() == [] and os.listdir(tmp_path / "profiles") == [".lock"]
+        refs = inputs["references"]
+        for call, option, words in [
+                (lambda: service.scoring(name="reference"), "references", "needs normal"),
+                (lambda: service.scoring(refs, name="mutual"), "scoring", "reference scoring"),
+                (lambda: service.scoring(name="best"), "scoring", "expected one of"),
+                (lambda: service.scoring(refs, fusion="max"), "fusion", "expected one of"),
+                (lambda: service.scoring(refs, options={"coreset": 2.0}), "coreset", "(0, 1]"),
+                (lambda: service.scoring(refs, profile="p"), "profile", "not both"),
+                (lambda: service.scoring(profile="../p"), "profile", "letters, digits")]:
+            with pytest.raises(UsageError, match=re.escape(words)) as e:
+                call()
+            assert e.value.option == option
+        with pytest.raises(NotFound, match="no profile 'absent'"):
+            service.scoring(profile="absent")
+        folder, inputs = uploaded(service, {"images": [photos / "line" / "i0.png"]})
+        with pytest.raises(UsageError, match="at least 5 images"):
+            service.submit("a", "inspect", inputs, folder, scoring=service.scoring(name="mutual"))
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("name", ["", "a" * 65, "../etc", "a/b", ".hidden", "a b", "caf\u00e9",
+                                  "x\n", "name.json", "\u0661", None])
+def test_hostile_profile_names_are_refused(name):
+    with pytest.raises(UsageError, match="expected 1 to 64 letters, digits, '-' or '_'"):
+        check_name(name)
+
+
+def test_profile_limits_are_named(tmp_path):
+    files = [photo(tmp_path / f"r{k}.png", k) for k in range(3)]
+    size = sum(f.stat().st_size for f in files[:2])
+    store = Profiles(tmp_path / "p", ProfileLimits(profiles=2, references=2,
+                                                   disk_bytes=2 * size + 10))
+    refs = [(f, f.name) for f in files]
+    with pytest.raises(LimitError, match="at most 2 .the references-per-profile limit"):
+        store.save("a", refs, {})
+    store.save("a", refs[:2], {})
+    store.save("a", refs[:2], {"threshold": 1.0})  # a replacement is not one more
+    with pytest.raises(LimitError, match="profiles' disk limit"):
+        store.save("b", refs[1:], {})
+    store.save("b", refs[:1], {})
+    with pytest.raises(LimitError, match="at most 2 profiles .the profiles limit"):
+        store.check_room("c", 1, 0)
+    store.delete("a")
+    store.check_room("c", 1, 0)
+    assert [p["name"] for p in store.list()] == ["b"]
+    with pytest.raises(NotFound):
+        store.delete("a")
+
+
+def snapshot(folder: Path) -> list[tuple[str, int]]:
+    """Every entry under ``folder`` with its size (folders: -1)."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1)
+                  for p in folder.rglob("*"))
+
+
+def replace_in_child(folder: Path, refs, settings, memory, kill_at: int | None = None):
+    """In a forked child, replace the profile ``p``, counting the lines of profiles.py executed;
+    at line ``kill_at`` exit at once, as SIGKILL does (nothing cleaned). The child's exit status
+    (0: it finished) and the lines at which the folder first showed each new state."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        count, changes, last = 0, [1], snapshot(folder)
+
+        def trace(frame, event, arg):
+            nonlocal count, last
+            if frame.f_code.co_filename != profiles_module.__file__:
+                return None
+            if event == "line":
+                count += 1
+                if count == kill_at:
+                    os._exit(9)
+                now = snapshot(folder)
+                if now != last:
+                    changes.append(count)
+                    last = now
+            return trace
+        store = Profiles(folder)
+        sys.settrace(trace)
+        store.save("p", refs, settings, memory, "key")
+        sys.settrace(None)
+        os.write(write, json.dumps(changes).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        changes = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), json.loads(changes or "[]")
+
+
+def test_a_kill_at_any_moment_leaves_the_old_or_the_new_profile(tmp_path, caplog):
+    """A replace is run once to find each state its writing leaves on disk (the line at which
+    it appears), then killed at each of them; every next start has the old or the new."""
+    refs = [(photo(tmp_path / f"r{k}.png", k), f"r{k}.png") for k in range(2)]
+    memory = [torch.arange(12.0).reshape(3, 4), torch.ones(2, 4)]
+    folder = tmp_path / "profiles"
+    old = lambda: Profiles(folder).save("p", refs, {"threshold": 1.0}, memory, "key")  # noqa
+    old()
+    code, lines = replace_in_child(folder, refs[:1], {"threshold": 2.0}, memory[:1])
+    assert code == 0 and len(lines) > 8  # temp folder, copies, memory, settings, renames, ...
+    seen = set()
+    for line in lines:
+        old()
+        assert replace_in_child(folder, refs[:1], {"threshold": 2.0}, memory[:1], line)[0] == 9
+        with caplog.at_level(logging.WARNING, "vcp.profiles"):
+            caplog.clear()
+            store = Profiles(folder)
+        profile = store.read("p")
+        version = profile.settings["threshold"]
+        seen.add(version)
+        count = {1.0: 2, 2.0: 1}[version]
+        assert [p.read_bytes() for p, _ in profile.references] == [
+            r.read_bytes() for r, _ in refs[:count]]
+        cached = store.memory(profile, "key", "cpu")
+        assert all(torch.equal(a, b) for a, b in zip(cached, memory[:count], strict=True))
+        assert sorted(os.listdir(folder)) == [".lock", "p"]
+        assert [p["name"] for p in store.list()] == ["p"]
+        left = [r.getMessage() for r in caplog.records]
+        assert len(left) <= 1 and all("profiles in" in m for m in left)
+    assert seen == {1.0, 2.0}
+
+
+def test_recovery_says_what_it_did(tmp_path, caplog):
+    refs = [(photo(tmp_path / "r.png", 0), "r.png")]
+    folder = tmp_path / "profiles"
+    store = Profiles(folder)
+    store.save("old", refs, {"threshold": 1.0})
+    store.save("kept", refs, {"threshold": 1.0})
+    os.rename(folder / "old", folder / ".old-old-0123abcd")  # killed between the renames
+    shutil.copytree(folder / "kept", folder / ".old-kept-0123abcd")  # killed before the rmtree
+    (folder / ".new-half-0123abcd" / "references").mkdir(parents=True)
+    (folder / "kept" / ".memory-key.safetensors.0123abcd.tmp").write_bytes(b"cut")
+    with caplog.at_level(logging.WARNING, "vcp.profiles"):
+        store = Profiles(folder)
+    [line] = [r.getMessage() for r in caplog.records]
+    for words in ("put back old", "removed kept's replaced version", "removed a half-written "
+                  "half", "removed a half-written memory of kept"):
+        assert words in line
+    assert sorted(os.listdir(folder)) == [".lock", "kept", "old"]
+    assert sorted(os.listdir(folder / "kept")) == ["profile.json", "references"]
+
+
+def test_a_start_removes_the_upload_folders_of_killed_servers(tmp_path, monkeypatch, caplog,
+                                                               predictor):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, owner = claim_uploads()
+    (dead / "job" / "images").mkdir(parents=True)
+    os.close(owner)  # its server is gone: nobody holds the lock
+    alive, owner = claim_uploads()
+    (tmp_path / "vcp_app_being_made").mkdir()  # no owner file yet: left alone
+    with caplog.at_level(logging.WARNING, "vcp.service"):
+        service = Service(predictor)
+    try:
+        assert not dead.exists() and alive.exists() and (tmp_path / "vcp_app_being_made").exists()
+        [line] = [r.getMessage() for r in caplog.records]
+        assert line == f"removed 1 upload folder(s) that killed servers left: {dead.name}"
+        assert remove_abandoned_uploads() == []
+    finally:
+        service.close()
+        os.close(owner)
+    assert not service.root.exists()
+    assert remove_abandoned_uploads() == [alive.name]
+
+
+def test_server_references_are_the_default_and_a_profile_may_go_meanwhile(
+        photos, predictor, predicted, tmp_path, caplog):
+    runtime = predictor.runtime
+    references = sorted((photos / "good").iterdir())
+    server = Predictor(runtime, make_strategy("reference", {}, Context(
+        runtime, runtime.image_size, references)), batch_size=3)
+    service = Service(server, profiles=Profiles(tmp_path / "profiles"))
+    try:
+        assert service.scoring(name="reference", fusion="sum") is None  # the server's own
+        half = service.scoring(options={"coreset": 0.5})  # the server's references, a coreset
+        assert [n for _, n in half.references] == [p.name for p in references]
+        assert inspect(service, photos, half) == pytest.approx(predicted["coreset"], abs=1e-4)
+        assert inspect(service, photos, None) == pytest.approx(predicted["reference"], abs=1e-4)
+
+        finished(service.save_profile("a", "p", None, service.new_folder(), threshold=0.2))
+        [cache] = (tmp_path / "profiles" / "p").glob("memory-*")
+        cache.write_bytes(cache.read_bytes()[:100])  # damaged: built again, and replaced
+        with caplog.at_level(logging.WARNING, "vcp.profiles"):
+            assert inspect(service, photos, service.scoring(profile="p")) == pytest.approx(
+                predicted["reference"], abs=1e-4)
+        assert "its cached memory cannot be read" in caplog.text
+        assert service.profiles.memory(service.profiles.read("p"), service.model_key, "cpu")
+
+        used = service.scoring(profile="p")
+        service.profiles.delete("p")
+        folder, inputs = uploaded(service, {"images": [photos / "line" / "i0.png"]})
+        job = service.submit("a", "inspect", inputs, folder, scoring=used)
+        assert job.over.wait(60)
+        assert job.error == "profile 'p' was replaced or deleted after this job was queued: " \
+                            "run it again"
+    finally:
+        service.close()
+
+
+def test_the_model_key_holds_every_weight_the_precision_and_the_device(predictor):
+    runtime = predictor.runtime
+    key = model_key(runtime)
+    assert model_key(runtime) == key
+    other = copy.deepcopy(runtime.model)
+    with torch.no_grad():
+        other.clip.visual.conv1.weight.view(-1)[7] += 1e-3  # one weight of the backbone
+    assert model_key(TorchRuntime(other, runtime.device)) != key
+    assert model_key(TorchRuntime(runtime.model, runtime.device, "bf16")) != key
