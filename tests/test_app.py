@@ -154,16 +154,20 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert np.array_equal(sent.reshape(data["height"], data["width"]), kept)
     assert len(calls) == runs  # masks at new thresholds never run the model again
 
-    # bad requests: a message, and the server keeps serving
-    for form, message in [
-            ([("kind", "inspect")], "no images given"),
-            ([("kind", "inspect"), ("images_folder", str(images / "nowhere"))], "nowhere"),
+    # bad requests: a message, and the server keeps serving; a field that does not fit its
+    # schema is a 422 naming it
+    for form, expected, message in [
+            ([("kind", "inspect")], 400, "no images given"),
+            ([("kind", "inspect"), ("images_folder", str(images / "nowhere"))], 400, "nowhere"),
             ([("kind", "calibrate"), ("normal", images / "wide.png"),
-              ("false_alarm_rate", "2")], "false-alarm rate"),
-            ([("kind", "paint")], "kind")]:
+              ("false_alarm_rate", "2")], 422, "false_alarm_rate: Input should be less than 1"),
+            ([("kind", "paint")], 422, "kind: Input should be 'inspect' or 'calibrate', got "
+                                       "'paint'"),
+            ([("images", images / "wide.png")], 422, "kind: Field required")]:
         status, body = client.json("/api/jobs", form=form)
-        assert status == 400 and message in body["error"]
-    assert client.request(f"{base}/mask/0.png?threshold=high")[0] == 400
+        assert status == expected and message in body["error"], body
+    status, body = client.json(f"{base}/mask/0.png?threshold=high")
+    assert status == 422 and body["error"].startswith("threshold: ") and "'high'" in body["error"]
     assert client.request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
     assert client.request("/api/jobs/999")[0] == 404
     assert Client(server.url).request(base)[0] == 404  # another client: not its job
@@ -223,15 +227,44 @@ def test_the_line_api(served, images):
     assert rle(np.array([[255, 255, 0], [0, 0, 255]])) == {"size": [2, 3], "counts": [0, 2, 3, 1]}
     status, body = client.json("/api/v1/predict", form=[("images", images / "wide.png")])
     assert status == 200 and "mask" not in body["images"][0]
-    assert client.json("/api/v1/predict", form=[("threshold", "0.5")])[0] == 400
+    status, body = client.json("/api/v1/predict", form=[("threshold", "0.5")])
+    assert status == 422 and body["error"] == "images: Field required"
     too_many = [("images", images / "wide.png")] * (service.limits.sync_images + 1)
     status, body = client.json("/api/v1/predict", form=too_many)
     assert status == 413 and "at most 16" in body["error"]
     assert set(service.jobs) == held  # each call's job is dropped once answered
+    # the document describes what the server takes and answers
     status, spec = client.json("/api/v1/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.")
-    assert "multipart/form-data" in spec["paths"]["/api/v1/predict"]["post"]["requestBody"][
-        "content"]
+    post = spec["paths"]["/api/v1/predict"]["post"]
+    schemas = spec["components"]["schemas"]
+    ref = lambda holder: schemas[holder["schema"]["$ref"].rsplit("/", 1)[1]]
+    form = ref(post["requestBody"]["content"]["multipart/form-data"])
+    assert set(form["properties"]) == {"images", "threshold", "mask"}
+    assert form["required"] == ["images"]
+    assert form["properties"]["mask"]["enum"] == ["none", "png", "rle"]
+    answer = ref(post["responses"]["200"]["content"]["application/json"])
+    image = schemas[answer["properties"]["images"]["items"]["$ref"].rsplit("/", 1)[1]]
+    answered = {k for a in (wide, notes, tall) for k in a}
+    assert answered <= set(image["properties"]) and "mask" in answered
+    for code in ("413", "422"):
+        assert set(ref(post["responses"][code]["content"]["application/json"])[
+            "properties"]) == {"error"}
+    assert spec["security"] == [{"token": []}]
+
+
+def test_an_unexpected_error_answers_one_line(served, monkeypatch, caplog, capfd):
+    """A bug answers 500 with one line; the log names its type, without a traceback."""
+    server, service, _ = served
+
+    def broken(*args):
+        raise ZeroDivisionError("/internal/path")
+    monkeypatch.setattr(service, "status", broken)
+    status, body = Client(server.url).json("/api/jobs/x")
+    assert status == 500 and body == {"error": "internal error; the server's log names it"}
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "ZeroDivisionError" in logged
+    assert "Traceback" not in logged and "/internal/path" not in logged
 
 
 def test_command_line_errors(tmp_path, tiny_archive, capsys):
