@@ -11,6 +11,7 @@ import argparse
 import base64
 import csv
 import io
+import json
 import shutil
 import sys
 import threading
@@ -507,6 +508,40 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
         wait(driver, lambda d: shown_t(d) == pytest.approx(t_cal, abs=1e-5), "the calibrated T")
         for shot in ("app_inspect.png", "app_calibrate.png"):
             assert Image.open(tmp_path / shot).size[0] > 600
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_the_api_docs_page_offline(served, images):
+    """/api/v1/docs draws every endpoint of the OpenAPI document from this server alone, and its
+    form sends a real request: the predict answer equals the API's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    server, service, _ = served
+    status, spec = Client(server.url).json("/api/v1/openapi.json")
+    driver = start_browser()
+    try:
+        driver.get(server.url + "/api/v1/docs")
+        boxes = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "details[data-operation]"),
+                     "the operations")
+        drawn = {b.get_attribute("data-operation") for b in boxes}
+        assert drawn == {f"{m.upper()} {p}" for p, ms in spec["paths"].items() for m in ms}
+        box = next(b for b in boxes if b.get_attribute("data-operation") == "POST /api/v1/predict")
+        box.find_element(By.TAG_NAME, "summary").click()
+        box.find_element(By.CSS_SELECTOR, "input[name=images]").send_keys(
+            "\n".join(str(images / n) for n in ("wide.png", "tall.jpg")))
+        Select(box.find_element(By.CSS_SELECTOR, "select[name=mask]")).select_by_value("rle")
+        box.find_element(By.TAG_NAME, "button").click()
+        out = wait(driver, lambda d: box.find_element(By.TAG_NAME, "pre").text.startswith("200")
+                   and box.find_element(By.TAG_NAME, "pre").text, "the answer")
+        answer = json.loads(out.split("\n", 1)[1])
+        status, direct = Client(server.url).json("/api/v1/predict", form=[
+            ("images", images / "wide.png"), ("images", images / "tall.jpg"), ("mask", "rle")])
+        assert status == 200 and answer == direct
+        loaded = driver.execute_script(
+            "return performance.getEntriesByType('resource').map((e) => e.name)")
+        assert loaded and all(u.startswith(server.url) for u in loaded), loaded  # no CDN
     finally:
         driver.quit()
 

@@ -178,7 +178,7 @@ def hostile(tmp_path_factory, tiny_archive, tiny_checkpoint):
     line = server.stdout.readline()
     url = re.search(r"http://[^ /]+:\d+", line).group(0)
     yield SimpleNamespace(url=url, box=box, shared=shared, outside=outside, tmp=tmp, log=log,
-                          process=server)
+                          process=server, model_files=(tiny_checkpoint, tiny_archive))
     server.terminate()
     assert server.wait(10) == -15  # SIGTERM: a stop (uvicorn re-raises the signal) ...
     assert list(tmp.iterdir()) == []  # ... that removes its temporary files
@@ -252,10 +252,17 @@ def test_hostile_requests(hostile, tmp_path):
         ("a picture that is not one", me, f"/api/jobs/{job}/passwd/0.png", {}, 404),
         ("DELETE a finished job", me, f"/api/jobs/{job}", dict(method="DELETE"), 200),
         ("the deleted job", me, f"/api/jobs/{job}", {}, 410),
+        ("the page", me, "/", {}, 200),
+        ("the model's description", me, "/api/info", {}, 200),
+        ("the API's document", me, "/api/v1/openapi.json", {}, 200),
+        ("the API's docs page", me, "/api/v1/docs", {}, 200),
     ]
     assert len(rows) >= 20
     before = files_outside(h)
-    internal = [str(h.tmp), str(ROOT), str(h.outside), "Traceback", 'File "']
+    internal = [str(h.tmp), str(ROOT), str(h.outside), "Traceback", 'File "',
+                *(str(f.parent) for f in h.model_files)]
+    checkpoint = h.model_files[0].name  # the page names the model by its file name only
+    assert me.json("/api/info")[1]["model"] == f"checkpoint {checkpoint}, zero-shot"
     for what, client, path, kwargs, expected in rows:
         status, body = client.request(path, **kwargs)
         assert status == expected, (what, status, body[:300])

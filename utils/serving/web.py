@@ -1,6 +1,7 @@
 """The inspection service over HTTP (FastAPI on Starlette): the page ``web/page.html``, its JSON
 and PNG endpoints, and the line's API ``POST /api/v1/predict``; the OpenAPI document
-``GET /api/v1/openapi.json`` is generated from the models of ``utils/serving/schemas.py``.
+``GET /api/v1/openapi.json`` is generated from the models of ``utils/serving/schemas.py`` and
+``GET /api/v1/docs`` (``web/api.html``) draws it, with a form to try each endpoint.
 
     app = create_app(Service(predictor, limits), Access(token=None, hosts=["line3.local"]))
 
@@ -51,7 +52,7 @@ from utils.serving.service import (GROUPS, PICTURES, Gone, LimitError, NotFound,
 __all__ = ["Access", "LOOPBACK", "create_app", "rle", "api", "uploads", "ServiceDep", "ClientDep"]
 
 log = logging.getLogger("vcp.web")
-PAGE = ROOT / "web" / "page.html"
+PAGE, DOCS = ROOT / "web" / "page.html", ROOT / "web" / "api.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CLIENT_COOKIE, TOKEN_COOKIE = "vcp_client", "vcp_token"
 STATUS = {LimitError: 413, NotFound: 404, Gone: 410}
@@ -227,6 +228,13 @@ async def page() -> HTMLResponse:
     return HTMLResponse(PAGE.read_text(), headers={"X-Frame-Options": "DENY"})
 
 
+@pages.get("/api/v1/docs")
+async def docs() -> HTMLResponse:
+    """The API's interactive documentation: a page of ours that reads the OpenAPI document
+    (FastAPI's own docs pages load their scripts from a CDN)."""
+    return HTMLResponse(DOCS.read_text(), headers={"X-Frame-Options": "DENY"})
+
+
 @api.get("/api/info", response_model=Info, summary="the model, T and limits the page shows")
 async def describe(service: ServiceDep) -> dict:
     return service.info
@@ -280,8 +288,9 @@ async def create(form: Annotated[JobForm, File()], service: ServiceDep,
 @api.get("/api/jobs/{job}", response_model=JobStatus,
          summary="progress, queue position, and the results from ?since=N")
 async def status(job: str, service: ServiceDep, client: ClientDep,
-                 since: Annotated[int, Query(ge=0)] = 0,
-                 skipped_since: Annotated[int, Query(ge=0)] = 0) -> dict:
+                 since: Annotated[int, Query(ge=0, description="results from this one")] = 0,
+                 skipped_since: Annotated[int, Query(ge=0, description="skipped files from "
+                                                     "this one")] = 0) -> dict:
     return service.status(client, job, since, skipped_since)
 
 
@@ -294,8 +303,9 @@ async def cancel(job: str, service: ServiceDep, client: ClientDep) -> dict:
 @api.get("/api/jobs/{job}/{what}/{index}.png", response_class=Response, responses=PNG,
          summary="an image of a job: image, overlay (its heat map) or mask (map > threshold)")
 async def picture(job: str, what: str, index: int, service: ServiceDep, client: ClientDep,
-                  threshold: Finite | None = None,
-                  side: Annotated[int | None, Query(ge=1)] = None) -> Response:
+                  threshold: Annotated[Finite | None, Query(description="T (a mask)")] = None,
+                  side: Annotated[int | None, Query(ge=1, description="longest side at most")]
+                  = None) -> Response:
     if what not in PICTURES:
         raise NotFound(f"no {what[:20]!r} picture: expected one of {', '.join(PICTURES)}")
     if what == "mask" and threshold is None:
@@ -324,8 +334,8 @@ async def scores(job: str, service: ServiceDep, client: ClientDep) -> Response:
 @api.get("/api/jobs/{job}/masks.zip", response_class=Response,
          responses={200: {"content": {"application/zip": {}}, "description": "masks/*.png"}},
          summary="the job's masks at T, as predict.py --threshold writes them")
-async def masks_zip(job: str, threshold: Finite, service: ServiceDep,
-                    client: ClientDep) -> Response:
+async def masks_zip(job: str, threshold: Annotated[Finite, Query(description="T")],
+                    service: ServiceDep, client: ClientDep) -> Response:
     items = list(service.job(client, job).items)
     if items:
         service.job(client, job).item(items[0].index)  # a calibration job: refused
