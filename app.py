@@ -21,6 +21,7 @@ import ipaddress
 import secrets
 import socket
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -133,9 +134,11 @@ def main(argv=None) -> int:
 
 
 def description(args: argparse.Namespace, name: str) -> str:
+    """What the page shows of the model: its file by name only (no path of the server's)."""
     scoring = (f", {args.fusion} fusion with {len(args.reference)} reference input(s)"
                if args.reference else f", {name} scoring" if name != "zero_shot" else ", zero-shot")
-    source = f"ONNX {args.onnx}" if args.onnx else f"checkpoint {args.checkpoint_path}"
+    source = f"ONNX {Path(args.onnx).name}" if args.onnx else \
+        f"checkpoint {Path(args.checkpoint_path).name}"
     return f"{source}{scoring}"
 
 

@@ -11,6 +11,7 @@ import argparse
 import base64
 import csv
 import io
+import json
 import shutil
 import sys
 import threading
@@ -154,16 +155,20 @@ def test_inspect_job_outputs_and_bad_input(served, images, tiny_archive, tiny_ch
     assert np.array_equal(sent.reshape(data["height"], data["width"]), kept)
     assert len(calls) == runs  # masks at new thresholds never run the model again
 
-    # bad requests: a message, and the server keeps serving
-    for form, message in [
-            ([("kind", "inspect")], "no images given"),
-            ([("kind", "inspect"), ("images_folder", str(images / "nowhere"))], "nowhere"),
+    # bad requests: a message, and the server keeps serving; a field that does not fit its
+    # schema is a 422 naming it
+    for form, expected, message in [
+            ([("kind", "inspect")], 400, "no images given"),
+            ([("kind", "inspect"), ("images_folder", str(images / "nowhere"))], 400, "nowhere"),
             ([("kind", "calibrate"), ("normal", images / "wide.png"),
-              ("false_alarm_rate", "2")], "false-alarm rate"),
-            ([("kind", "paint")], "kind")]:
+              ("false_alarm_rate", "2")], 422, "false_alarm_rate: Input should be less than 1"),
+            ([("kind", "paint")], 422, "kind: Input should be 'inspect' or 'calibrate', got "
+                                       "'paint'"),
+            ([("images", images / "wide.png")], 422, "kind: Field required")]:
         status, body = client.json("/api/jobs", form=form)
-        assert status == 400 and message in body["error"]
-    assert client.request(f"{base}/mask/0.png?threshold=high")[0] == 400
+        assert status == expected and message in body["error"], body
+    status, body = client.json(f"{base}/mask/0.png?threshold=high")
+    assert status == 422 and body["error"].startswith("threshold: ") and "'high'" in body["error"]
     assert client.request(f"{base}/mask/7.png?threshold=0.5")[0] == 404
     assert client.request("/api/jobs/999")[0] == 404
     assert Client(server.url).request(base)[0] == 404  # another client: not its job
@@ -223,15 +228,44 @@ def test_the_line_api(served, images):
     assert rle(np.array([[255, 255, 0], [0, 0, 255]])) == {"size": [2, 3], "counts": [0, 2, 3, 1]}
     status, body = client.json("/api/v1/predict", form=[("images", images / "wide.png")])
     assert status == 200 and "mask" not in body["images"][0]
-    assert client.json("/api/v1/predict", form=[("threshold", "0.5")])[0] == 400
+    status, body = client.json("/api/v1/predict", form=[("threshold", "0.5")])
+    assert status == 422 and body["error"] == "images: Field required"
     too_many = [("images", images / "wide.png")] * (service.limits.sync_images + 1)
     status, body = client.json("/api/v1/predict", form=too_many)
     assert status == 413 and "at most 16" in body["error"]
     assert set(service.jobs) == held  # each call's job is dropped once answered
+    # the document describes what the server takes and answers
     status, spec = client.json("/api/v1/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.")
-    assert "multipart/form-data" in spec["paths"]["/api/v1/predict"]["post"]["requestBody"][
-        "content"]
+    post = spec["paths"]["/api/v1/predict"]["post"]
+    schemas = spec["components"]["schemas"]
+    ref = lambda holder: schemas[holder["schema"]["$ref"].rsplit("/", 1)[1]]
+    form = ref(post["requestBody"]["content"]["multipart/form-data"])
+    assert set(form["properties"]) == {"images", "threshold", "mask"}
+    assert form["required"] == ["images"]
+    assert form["properties"]["mask"]["enum"] == ["none", "png", "rle"]
+    answer = ref(post["responses"]["200"]["content"]["application/json"])
+    image = schemas[answer["properties"]["images"]["items"]["$ref"].rsplit("/", 1)[1]]
+    answered = {k for a in (wide, notes, tall) for k in a}
+    assert answered <= set(image["properties"]) and "mask" in answered
+    for code in ("413", "422"):
+        assert set(ref(post["responses"][code]["content"]["application/json"])[
+            "properties"]) == {"error"}
+    assert spec["security"] == [{"token": []}]
+
+
+def test_an_unexpected_error_answers_one_line(served, monkeypatch, caplog, capfd):
+    """A bug answers 500 with one line; the log names its type, without a traceback."""
+    server, service, _ = served
+
+    def broken(*args):
+        raise ZeroDivisionError("/internal/path")
+    monkeypatch.setattr(service, "status", broken)
+    status, body = Client(server.url).json("/api/jobs/x")
+    assert status == 500 and body == {"error": "internal error; the server's log names it"}
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "ZeroDivisionError" in logged
+    assert "Traceback" not in logged and "/internal/path" not in logged
 
 
 def test_command_line_errors(tmp_path, tiny_archive, capsys):
@@ -474,6 +508,40 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
         wait(driver, lambda d: shown_t(d) == pytest.approx(t_cal, abs=1e-5), "the calibrated T")
         for shot in ("app_inspect.png", "app_calibrate.png"):
             assert Image.open(tmp_path / shot).size[0] > 600
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_the_api_docs_page_offline(served, images):
+    """/api/v1/docs draws every endpoint of the OpenAPI document from this server alone, and its
+    form sends a real request: the predict answer equals the API's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    server, service, _ = served
+    status, spec = Client(server.url).json("/api/v1/openapi.json")
+    driver = start_browser()
+    try:
+        driver.get(server.url + "/api/v1/docs")
+        boxes = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "details[data-operation]"),
+                     "the operations")
+        drawn = {b.get_attribute("data-operation") for b in boxes}
+        assert drawn == {f"{m.upper()} {p}" for p, ms in spec["paths"].items() for m in ms}
+        box = next(b for b in boxes if b.get_attribute("data-operation") == "POST /api/v1/predict")
+        box.find_element(By.TAG_NAME, "summary").click()
+        box.find_element(By.CSS_SELECTOR, "input[name=images]").send_keys(
+            "\n".join(str(images / n) for n in ("wide.png", "tall.jpg")))
+        Select(box.find_element(By.CSS_SELECTOR, "select[name=mask]")).select_by_value("rle")
+        box.find_element(By.TAG_NAME, "button").click()
+        out = wait(driver, lambda d: box.find_element(By.TAG_NAME, "pre").text.startswith("200")
+                   and box.find_element(By.TAG_NAME, "pre").text, "the answer")
+        answer = json.loads(out.split("\n", 1)[1])
+        status, direct = Client(server.url).json("/api/v1/predict", form=[
+            ("images", images / "wide.png"), ("images", images / "tall.jpg"), ("mask", "rle")])
+        assert status == 200 and answer == direct
+        loaded = driver.execute_script(
+            "return performance.getEntriesByType('resource').map((e) => e.name)")
+        assert loaded and all(u.startswith(server.url) for u in loaded), loaded  # no CDN
     finally:
         driver.quit()
 

@@ -178,7 +178,7 @@ def hostile(tmp_path_factory, tiny_archive, tiny_checkpoint):
     line = server.stdout.readline()
     url = re.search(r"http://[^ /]+:\d+", line).group(0)
     yield SimpleNamespace(url=url, box=box, shared=shared, outside=outside, tmp=tmp, log=log,
-                          process=server)
+                          process=server, model_files=(tiny_checkpoint, tiny_archive))
     server.terminate()
     assert server.wait(10) == -15  # SIGTERM: a stop (uvicorn re-raises the signal) ...
     assert list(tmp.iterdir()) == []  # ... that removes its temporary files
@@ -241,21 +241,28 @@ def test_hostile_requests(hostile, tmp_path):
         ("another client's overlay", other, f"/api/jobs/{job}/overlay/0.png", {}, 404),
         ("another client's delete", other, f"/api/jobs/{job}", dict(method="DELETE"), 404),
         ("a guessed job id", me, "/api/jobs/1", {}, 404),
-        ("threshold nan", me, f"/api/jobs/{job}/mask/0.png?threshold=nan", {}, 400),
-        ("threshold inf", me, f"/api/jobs/{job}/masks.zip?threshold=inf", {}, 400),
+        ("threshold nan", me, f"/api/jobs/{job}/mask/0.png?threshold=nan", {}, 422),
+        ("threshold inf", me, f"/api/jobs/{job}/masks.zip?threshold=inf", {}, 422),
         ("API threshold nan", me, "/api/v1/predict",
-         dict(form=[("images", good), ("threshold", "nan")]), 400),
+         dict(form=[("images", good), ("threshold", "nan")]), 422),
         ("false-alarm rate nan", me, "/api/jobs",
-         dict(form=[("kind", "calibrate"), ("normal", good), ("false_alarm_rate", "nan")]), 400),
+         dict(form=[("kind", "calibrate"), ("normal", good), ("false_alarm_rate", "nan")]), 422),
         ("calibrate job's masks.zip", me, f"/api/jobs/{cal}/masks.zip?threshold=0.5", {}, 400),
         ("calibrate job's overlay", me, f"/api/jobs/{cal}/overlay/0.png", {}, 400),
         ("a picture that is not one", me, f"/api/jobs/{job}/passwd/0.png", {}, 404),
         ("DELETE a finished job", me, f"/api/jobs/{job}", dict(method="DELETE"), 200),
         ("the deleted job", me, f"/api/jobs/{job}", {}, 410),
+        ("the page", me, "/", {}, 200),
+        ("the model's description", me, "/api/info", {}, 200),
+        ("the API's document", me, "/api/v1/openapi.json", {}, 200),
+        ("the API's docs page", me, "/api/v1/docs", {}, 200),
     ]
     assert len(rows) >= 20
     before = files_outside(h)
-    internal = [str(h.tmp), str(ROOT), str(h.outside), "Traceback", 'File "']
+    internal = [str(h.tmp), str(ROOT), str(h.outside), "Traceback", 'File "',
+                *(str(f.parent) for f in h.model_files)]
+    checkpoint = h.model_files[0].name  # the page names the model by its file name only
+    assert me.json("/api/info")[1]["model"] == f"checkpoint {checkpoint}, zero-shot"
     for what, client, path, kwargs, expected in rows:
         status, body = client.request(path, **kwargs)
         assert status == expected, (what, status, body[:300])

@@ -1,16 +1,22 @@
-"""The inspection service over HTTP (Starlette): the page ``web/page.html``, its JSON and PNG
-endpoints, and the line's API ``POST /api/v1/predict`` described by ``GET /api/v1/openapi.json``.
+"""The inspection service over HTTP (FastAPI on Starlette): the page ``web/page.html``, its JSON
+and PNG endpoints, and the line's API ``POST /api/v1/predict``; the OpenAPI document
+``GET /api/v1/openapi.json`` is generated from the models of ``utils/serving/schemas.py`` and
+``GET /api/v1/docs`` (``web/api.html``) draws it, with a form to try each endpoint.
 
     app = create_app(Service(predictor, limits), Access(token=None, hosts=["line3.local"]))
 
-``Guard`` stands in front of every request: the ``Host`` header must name this server (loopback
-names and the allowed hosts: a page of another site cannot reach it through DNS rebinding), a
-cross-site ``Origin`` cannot post, the token is checked where there is one (``Authorization:
-Bearer``, the ``token`` query parameter once, then a cookie), the body is counted against the
-request limit, each browser gets an unguessable client cookie that scopes its jobs, and an
-unexpected error answers 500 with one line and no traceback. Errors are ``{"error": message}``
-with 400 (bad input), 401/403 (token, host), 404 (not yours or no such thing), 410 (expired),
-413 (over a limit).
+``Guard`` stands in front of every request, before its body is read: the ``Host`` header must
+name this server (loopback names and the allowed hosts: a page of another site cannot reach it
+through DNS rebinding), a cross-site ``Origin`` cannot post, the token is checked where there is
+one (``Authorization: Bearer``, the ``token`` query parameter once, then a cookie), the body is
+counted against the request limit, each browser gets an unguessable client cookie that scopes its
+jobs, and an unexpected error answers 500 with one line and no traceback. Errors are
+``{"error": message}`` with 400 (bad input), 401/403 (token, host), 404 (not yours or no such
+thing), 410 (expired), 413 (over a limit), 422 (a field that does not fit, named).
+
+A new endpoint is a function on ``api`` (or on ``uploads`` when it takes files: their room is
+reserved before they are read), its form and answer models in ``schemas.py``; ``ServiceDep`` and
+``ClientDep`` give it the service and the client; the guard and the error answers come with it.
 """
 from __future__ import annotations
 
@@ -18,32 +24,35 @@ import asyncio
 import base64
 import io
 import logging
-import math
 import secrets
 import zipfile
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from starlette.applications import Starlette
+from fastapi import APIRouter, Depends, FastAPI, File, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from utils.errors import InputError, UsageError
 from utils.data.images import IMAGE_EXTENSIONS
 from utils.inference.outputs import scores_csv
 from utils.paths import ROOT
+from utils.serving.schemas import (Cancelled, Error, Finite, Info, JobCreated, JobForm,
+                                   JobStatus, MapData, PredictAnswer, PredictForm)
 from utils.serving.service import (GROUPS, PICTURES, Gone, LimitError, NotFound, Service,
-                           removed_on_error, safe_name)
+                                   removed_on_error, safe_name)
 
-__all__ = ["Access", "LOOPBACK", "create_app", "rle"]
+__all__ = ["Access", "LOOPBACK", "create_app", "rle", "api", "uploads", "ServiceDep", "ClientDep"]
 
 log = logging.getLogger("vcp.web")
-PAGE = ROOT / "web" / "page.html"
+PAGE, DOCS = ROOT / "web" / "page.html", ROOT / "web" / "api.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CLIENT_COOKIE, TOKEN_COOKIE = "vcp_client", "vcp_token"
 STATUS = {LimitError: 413, NotFound: 404, Gone: 410}
@@ -51,6 +60,7 @@ STATUS = {LimitError: 413, NotFound: 404, Gone: 410}
 # that a client still sending it reads the answer instead of a reset connection (as a server's
 # lingering close does); a longer body is answered at once.
 DRAIN_BYTES, DRAIN_SECONDS = 32 * 2**20, 10.0
+INTERNAL = "internal error; the server's log names it"
 
 
 @dataclass
@@ -128,7 +138,7 @@ class Guard:
             log.error("internal error on %s %s: %s", scope["method"], scope["path"],
                       type(e).__name__)
             if not started:
-                await _error("internal error; the server's log names it", 500)(
+                await _error(INTERNAL, 500)(
                     scope, receive, send)
 
     def _refused(self, request: Request) -> Response | None:
@@ -167,42 +177,78 @@ class Guard:
         return counted
 
 
-def answers(handler):
-    """An endpoint whose input errors answer their status with the message."""
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except InputError as e:
-            return _error(str(e), next((s for t, s in STATUS.items() if isinstance(e, t)), 400))
-    return endpoint
+# ---- what every endpoint may ask for -----------------------------------------------------------
+async def service_of(request: Request) -> Service:
+    return request.app.state.service
 
 
-def number(text: str | None, what: str, default: float | None = None) -> float:
-    """A finite number from a form or query field."""
-    if text in (None, "") and default is not None:
-        return default
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise UsageError(f"{what}: expected a finite number, got {str(text)[:40]!r}")
-    return value
+async def client_of(request: Request) -> str:
+    """The client's id, from its cookie (``Guard`` gives each browser one)."""
+    return request.scope["state"]["client"]
 
 
-def rle(mask: np.ndarray) -> dict:
-    """A 0/255 mask [H, W] as run lengths, row by row, starting with a run of 0s."""
-    flat = mask.ravel() > 0
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
-    counts = ([0] if flat.size and flat[0] else []) + runs.tolist()
-    return {"size": list(mask.shape), "counts": counts}
+ServiceDep = Annotated[Service, Depends(service_of)]
+ClientDep = Annotated[str, Depends(client_of)]
+
+
+class UploadRoute(APIRoute):
+    """A route whose body is a form of uploads: room for it is reserved before it is read (a
+    request that cannot fit is refused unread), and a form over the parser's limits is a
+    ``LimitError``."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def reserved(request: Request) -> Response:
+            (await service_of(request)).reserve(await client_of(request),
+                                                int(request.headers.get("content-length", 0)))
+            try:
+                return await handler(request)
+            except HTTPException as e:  # Starlette's form parser: too many files or fields
+                if e.status_code == 400 and str(e.detail).startswith("Too many"):
+                    raise LimitError(f"the form is too large: {e.detail}") from None
+                raise
+        return reserved
+
+
+REFUSALS = {status: {"model": Error, "description": what} for status, what in [
+    (400, "bad input"), (401, "token missing or wrong"), (403, "host or origin refused"),
+    (404, "not yours, or no such thing"), (410, "expired or deleted"),
+    (413, "over a limit (request size, files, pixels, memory or disk held)"),
+    (422, "a field that does not fit, named")]}
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG"}}
+
+pages = APIRouter(include_in_schema=False)  # the page itself
+api = APIRouter(responses=REFUSALS)  # JSON and pictures
+uploads = APIRouter(route_class=UploadRoute, responses=REFUSALS)  # forms with files
+
+
+@pages.get("/")
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text(), headers={"X-Frame-Options": "DENY"})
+
+
+@pages.get("/api/v1/docs")
+async def docs() -> HTMLResponse:
+    """The API's interactive documentation: a page of ours that reads the OpenAPI document
+    (FastAPI's own docs pages load their scripts from a CDN)."""
+    return HTMLResponse(DOCS.read_text(), headers={"X-Frame-Options": "DENY"})
+
+
+@api.get("/api/info", response_model=Info, summary="the model, T and limits the page shows")
+async def describe(service: ServiceDep) -> dict:
+    return service.info
+
+
+def at_most(count: int, limit: int) -> None:
+    if count > limit:
+        raise LimitError(f"too many files in one request: this server takes at most {limit}")
 
 
 def _save(uploads: list[UploadFile], folder: Path) -> list[tuple[Path, str]]:
     """Each upload in ``folder`` under a name of ours (its extension kept), with its own name
     checked; in a worker thread."""
-    names = [safe_name(u.filename) for u in uploads]
+    names = [safe_name(u.filename or "") for u in uploads]
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     for k, (upload, name) in enumerate(zip(uploads, names)):
@@ -216,244 +262,195 @@ def _save(uploads: list[UploadFile], folder: Path) -> list[tuple[Path, str]]:
     return saved
 
 
-class Endpoints:
-    """The routes over one ``Service``."""
+@uploads.post("/api/jobs", response_model=JobCreated,
+              summary="queue a job of the page: inspect images, or calibrate T")
+async def create(form: Annotated[JobForm, File()], service: ServiceDep,
+                 client: ClientDep) -> dict:
+    groups = GROUPS[form.kind]
+    at_most(sum(len(getattr(form, g)) for g in groups), service.limits.files_per_job)
+    folder = service.new_folder()
 
-    def __init__(self, service: Service):
-        self.service = service
-
-    @staticmethod
-    def client(request: Request) -> str:
-        return request.scope["state"]["client"]
-
-    async def page(self, request: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(), headers={"X-Frame-Options": "DENY"})
-
-    async def describe(self, request: Request) -> JSONResponse:
-        return JSONResponse(self.service.info)
-
-    async def form(self, request: Request, files: int):
-        """The request's form, at most ``files`` files."""
-        self.service.reserve(self.client(request), int(request.headers.get("content-length", 0)))
-        try:
-            return await request.form(max_files=files, max_fields=100)
-        except HTTPException as e:
-            if "Too many files" in str(e.detail):
-                raise LimitError(f"too many files in one request: this server takes at most "
-                                 f"{files}") from None
-            raise UsageError(str(e.detail)) from None
-
-    async def create(self, request: Request) -> JSONResponse:
-        """A new job from the page's form: files and/or a shared folder per input group."""
-        form = await self.form(request, self.service.limits.files_per_job)
-        kind = form.get("kind")
-        if kind not in GROUPS:
-            raise UsageError(f"kind: expected one of {sorted(GROUPS)}, got {str(kind)[:40]!r}")
-        rate = 0.0
-        if kind == "calibrate":
-            rate = number(form.get("false_alarm_rate"), "false-alarm rate", 0.01)
-            if not 0.0 <= rate < 1.0:
-                raise UsageError(f"false-alarm rate: expected a number in [0, 1), got {rate}")
-        folder = self.service.new_folder()
-        job = await run_in_threadpool(self._job, form, kind, folder, rate, self.client(request))
-        return JSONResponse({"job": job.id})
-
-    def _job(self, form, kind: str, folder: Path, rate: float, client: str):
-        """Save the uploads, list the shared folders and queue the job (a worker thread)."""
+    def queue():  # a worker thread: save the uploads, list the shared folders
         with removed_on_error(folder):
-            inputs = {}
-            for group in GROUPS[kind]:
-                uploads = [f for f in form.getlist(group) if isinstance(f, UploadFile)
-                           and f.filename]
-                inputs[group] = _save(uploads, folder / group)
-                shared = str(form.get(f"{group}_folder") or "").strip()
+            inputs = {g: _save(getattr(form, g), folder / g) for g in groups}
+            for g in groups:
+                shared = getattr(form, f"{g}_folder").strip()
                 if shared:
-                    inputs[group] += self.service.folders.images(shared)
-            if not inputs[GROUPS[kind][0]]:
-                first = GROUPS[kind][0]
-                what = "images" if first == "images" else f"{first} images"
+                    inputs[g] += service.folders.images(shared)
+            if not inputs[groups[0]]:
+                what = "images" if groups[0] == "images" else f"{groups[0]} images"
                 raise UsageError(f"no {what} given: choose image files"
-                                 + (" or name a shared folder" if self.service.folders.roots
-                                    else ""))
-        return self.service.submit(client, kind, inputs, folder, rate)
-
-    async def status(self, request: Request) -> JSONResponse:
-        q = request.query_params
-        since = [int(q.get(k, "0")) if q.get(k, "0").isdigit() else 0
-                 for k in ("since", "skipped_since")]
-        return JSONResponse(self.service.status(self.client(request),
-                                                request.path_params["job"], *since))
-
-    async def cancel(self, request: Request) -> JSONResponse:
-        what = self.service.cancel(self.client(request), request.path_params["job"])
-        return JSONResponse({"job": request.path_params["job"], "state": what})
-
-    async def picture(self, request: Request) -> Response:
-        """image, overlay or mask PNG of one image of a job."""
-        p, q = request.path_params, request.query_params
-        if p["what"] not in PICTURES:
-            raise NotFound(f"no {p['what'][:20]!r} picture: expected one of {', '.join(PICTURES)}")
-        threshold = number(q.get("threshold"), "threshold") if p["what"] == "mask" else None
-        side = int(q["side"]) if q.get("side", "").isdigit() and int(q["side"]) > 0 else None
-        png = await run_in_threadpool(self.service.render, self.client(request), p["job"],
-                                      p["index"], p["what"], threshold, side)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
-
-    async def map_data(self, request: Request) -> JSONResponse:
-        p = request.path_params
-        data = self.service.map_data(self.client(request), p["job"], p["index"])
-        data["data"] = base64.b64encode(data["data"]).decode()
-        return JSONResponse(data)
-
-    async def scores(self, request: Request) -> Response:
-        job = self.service.job(self.client(request), request.path_params["job"])
-        return Response(scores_csv([i.row() for i in list(job.items)]), media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="scores.csv"'})
-
-    async def masks_zip(self, request: Request) -> Response:
-        client, job_id = self.client(request), request.path_params["job"]
-        threshold = number(request.query_params.get("threshold"), "threshold")
-        items = list(self.service.job(client, job_id).items)
-        if items:
-            self.service.job(client, job_id).item(items[0].index)  # a calibration job: refused
-
-        def pack() -> bytes:
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w") as z:
-                for i in items:
-                    z.writestr(f"masks/{i.stem}.png",
-                               self.service.render(client, job_id, i.index, "mask", threshold))
-            return buf.getvalue()
-        return Response(await run_in_threadpool(pack), media_type="application/zip",
-                        headers={"Content-Disposition": 'attachment; filename="masks.zip"'})
-
-    async def predict(self, request: Request) -> JSONResponse:
-        """The line's API: images in, one JSON object per image out, in input order."""
-        limits = self.service.limits
-        form = await self.form(request, limits.sync_images)
-        threshold = number(form.get("threshold"), "threshold", self.service.info["threshold"])
-        mask = str(form.get("mask") or "none")
-        if mask not in ("none", "png", "rle"):
-            raise UsageError(f"mask: expected none, png or rle, got {mask[:40]!r}")
-        uploads = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
-        if not uploads:
-            raise UsageError("no images given: send them as the form field 'images'")
-        client, folder = self.client(request), self.service.new_folder()
-
-        def queue():
-            with removed_on_error(folder):
-                inputs = {"images": _save(uploads, folder / "images")}
-            return self.service.submit(client, "inspect", inputs, folder)
-        job = await run_in_threadpool(queue)
-        try:
-            while not job.over.is_set():
-                await asyncio.sleep(0.01)
-            if job.error or job.state != "finished":
-                raise UsageError(job.error or "the server stopped before this request was done")
-            results = await run_in_threadpool(self._answers, job, threshold, mask, client)
-        finally:
-            self.service.delete(job)
-        return JSONResponse({"threshold": threshold, "images": results})
-
-    def _answers(self, job, threshold: float, mask: str, client: str) -> list[dict]:
-        by_index = {i.index: i for i in job.items}
-        skipped = {s["name"]: s["reason"] for s in job.skipped}
-        out = []
-        for index, (_, name) in enumerate(job.inputs["images"]):
-            item = by_index.get(index)
-            if item is None:
-                out.append({"name": name, "skipped": skipped.get(name, "not read")})
-                continue
-            answer = {"name": name, "image_score": item.image_score,
-                      "max_pixel_score": item.max_pixel_score,
-                      "verdict": "NG" if item.max_pixel_score > threshold else "OK"}
-            if mask == "png":
-                png = self.service.render(client, job.id, index, "mask", threshold)
-                answer["mask"] = base64.b64encode(png).decode()
-            elif mask == "rle":
-                answer["mask"] = rle(self.service.picture(client, job.id, index, "mask",
-                                                          threshold))
-            out.append(answer)
-        return out
-
-    async def openapi(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_schema(self.service))
+                                 + (" or name a shared folder" if service.folders.roots else ""))
+        return service.submit(client, form.kind, inputs, folder, form.false_alarm_rate)
+    return {"job": (await run_in_threadpool(queue)).id}
 
 
-def openapi_schema(service: Service) -> dict:
-    """The OpenAPI 3.1 description of the line's API (and of the jobs the page uses)."""
-    image_answer = {"type": "object", "properties": {
-        "name": {"type": "string"},
-        "image_score": {"type": "number", "description": "mean of the 2000 largest pixels of "
-                        "each branch, added (0 to 2)"},
-        "max_pixel_score": {"type": "number"},
-        "verdict": {"type": "string", "enum": ["OK", "NG"],
-                    "description": "NG when max_pixel_score > threshold"},
-        "mask": {"description": "with mask=png: the 0/255 mask as base64 PNG; with mask=rle: "
-                 "{size: [H, W], counts: [...]}, run lengths row by row starting with 0s",
-                 "oneOf": [{"type": "string"}, {"type": "object"}]},
-        "skipped": {"type": "string", "description": "why the file could not be read"}}}
-    error = {"content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "string"}}}}}}
-    limits = service.limits
-    return {"openapi": "3.1.0", "info": {"title": "VCP-CLIP inspection service",
-                                         "version": "1"},
-            "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
-            "security": [{"token": []}],
-            "paths": {"/api/v1/predict": {"post": {
-                "summary": f"score up to {limits.sync_images} images and answer at once",
-                "requestBody": {"required": True, "content": {"multipart/form-data": {
-                    "schema": {"type": "object", "required": ["images"], "properties": {
-                        "images": {"type": "array", "items": {"type": "string",
-                                                              "format": "binary"}},
-                        "threshold": {"type": "number", "description": "T; default the "
-                                      f"server's ({service.info['threshold']})"},
-                        "mask": {"type": "string", "enum": ["none", "png", "rle"],
-                                 "default": "none"}}}}}},
-                "responses": {
-                    "200": {"description": "one object per image, in input order",
-                            "content": {"application/json": {"schema": {
-                                "type": "object", "properties": {
-                                    "threshold": {"type": "number"},
-                                    "images": {"type": "array", "items": image_answer}}}}}},
-                    "400": {"description": "bad input", **error},
-                    "401": {"description": "token missing or wrong", **error},
-                    "403": {"description": "host or origin refused", **error},
-                    "413": {"description": "over a limit (request size, files, pixels, "
-                            "memory or disk held)", **error}}}},
-                "/api/jobs": {"post": {"summary": "queue a job (the page's form: kind, images, "
-                                       "images_folder, normal, defective, false_alarm_rate)",
-                                       "responses": {"200": {"description": "{job: id}"}}}},
-                "/api/jobs/{job}": {
-                    "get": {"summary": "progress, queue position, results from ?since=N",
-                            "responses": {"200": {"description": "status"},
-                                          "404": {"description": "no such job of yours"},
-                                          "410": {"description": "expired or deleted"}}},
-                    "delete": {"summary": "cancel a waiting or running job, drop a finished one",
-                               "responses": {"200": {"description": "{state}"}}}}}}
+@api.get("/api/jobs/{job}", response_model=JobStatus,
+         summary="progress, queue position, and the results from ?since=N")
+async def status(job: str, service: ServiceDep, client: ClientDep,
+                 since: Annotated[int, Query(ge=0, description="results from this one")] = 0,
+                 skipped_since: Annotated[int, Query(ge=0, description="skipped files from "
+                                                     "this one")] = 0) -> dict:
+    return service.status(client, job, since, skipped_since)
 
 
-def create_app(service: Service, access: Access = Access()) -> Guard:
-    """The ASGI app: ``Guard`` around the routes; stopping it closes the service."""
-    from contextlib import asynccontextmanager
+@api.delete("/api/jobs/{job}", response_model=Cancelled,
+            summary="cancel a waiting or running job, drop a finished one")
+async def cancel(job: str, service: ServiceDep, client: ClientDep) -> dict:
+    return {"job": job, "state": service.cancel(client, job)}
 
+
+@api.get("/api/jobs/{job}/{what}/{index}.png", response_class=Response, responses=PNG,
+         summary="an image of a job: image, overlay (its heat map) or mask (map > threshold)")
+async def picture(job: str, what: str, index: int, service: ServiceDep, client: ClientDep,
+                  threshold: Annotated[Finite | None, Query(description="T (a mask)")] = None,
+                  side: Annotated[int | None, Query(ge=1, description="longest side at most")]
+                  = None) -> Response:
+    if what not in PICTURES:
+        raise NotFound(f"no {what[:20]!r} picture: expected one of {', '.join(PICTURES)}")
+    if what == "mask" and threshold is None:
+        raise UsageError("threshold: a mask needs one")
+    png = await run_in_threadpool(service.render, client, job, index, what,
+                                  threshold if what == "mask" else None, side)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+@api.get("/api/jobs/{job}/map/{index}", response_model=MapData,
+         summary="an image's heat map, at most 128 a side (the page draws contours from it)")
+async def map_data(job: str, index: int, service: ServiceDep, client: ClientDep) -> dict:
+    data = service.map_data(client, job, index)
+    return {**data, "data": base64.b64encode(data["data"]).decode()}
+
+
+@api.get("/api/jobs/{job}/scores.csv", response_class=Response,
+         responses={200: {"content": {"text/csv": {}}, "description": "predict.py's columns"}},
+         summary="the job's scores, as predict.py writes them")
+async def scores(job: str, service: ServiceDep, client: ClientDep) -> Response:
+    rows = [i.row() for i in list(service.job(client, job).items)]
+    return Response(scores_csv(rows), media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="scores.csv"'})
+
+
+@api.get("/api/jobs/{job}/masks.zip", response_class=Response,
+         responses={200: {"content": {"application/zip": {}}, "description": "masks/*.png"}},
+         summary="the job's masks at T, as predict.py --threshold writes them")
+async def masks_zip(job: str, threshold: Annotated[Finite, Query(description="T")],
+                    service: ServiceDep, client: ClientDep) -> Response:
+    items = list(service.job(client, job).items)
+    if items:
+        service.job(client, job).item(items[0].index)  # a calibration job: refused
+
+    def pack() -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for i in items:
+                z.writestr(f"masks/{i.stem}.png",
+                           service.render(client, job, i.index, "mask", threshold))
+        return buf.getvalue()
+    return Response(await run_in_threadpool(pack), media_type="application/zip",
+                    headers={"Content-Disposition": 'attachment; filename="masks.zip"'})
+
+
+def rle(mask: np.ndarray) -> dict:
+    """A 0/255 mask [H, W] as run lengths, row by row, starting with a run of 0s."""
+    flat = mask.ravel() > 0
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
+    counts = ([0] if flat.size and flat[0] else []) + runs.tolist()
+    return {"size": list(mask.shape), "counts": counts}
+
+
+@uploads.post("/api/v1/predict", response_model=PredictAnswer, response_model_exclude_none=True,
+              summary="score a few images (16 by default) and answer at once, in input order")
+async def predict(form: Annotated[PredictForm, File()], service: ServiceDep,
+                  client: ClientDep) -> dict:
+    at_most(len(form.images), service.limits.sync_images)
+    threshold = service.info["threshold"] if form.threshold is None else form.threshold
+    folder = service.new_folder()
+
+    def queue():
+        with removed_on_error(folder):
+            inputs = {"images": _save(form.images, folder / "images")}
+        return service.submit(client, "inspect", inputs, folder)
+    job = await run_in_threadpool(queue)
+    try:
+        while not job.over.is_set():
+            await asyncio.sleep(0.01)
+        if job.error or job.state != "finished":
+            raise UsageError(job.error or "the server stopped before this request was done")
+        images = await run_in_threadpool(_answers, service, job, threshold, form.mask, client)
+    finally:
+        service.delete(job)
+    return {"threshold": threshold, "images": images}
+
+
+def _answers(service: Service, job, threshold: float, mask: str, client: str) -> list[dict]:
+    """One answer per input image, in input order (a worker thread: masks are drawn)."""
+    by_index = {i.index: i for i in job.items}
+    skipped = {s["name"]: s["reason"] for s in job.skipped}
+    out = []
+    for index, (_, name) in enumerate(job.inputs["images"]):
+        item = by_index.get(index)
+        if item is None:
+            out.append({"name": name, "skipped": skipped.get(name, "not read")})
+            continue
+        answer = {"name": name, "image_score": item.image_score,
+                  "max_pixel_score": item.max_pixel_score,
+                  "verdict": "NG" if item.max_pixel_score > threshold else "OK"}
+        if mask == "png":
+            png = service.render(client, job.id, index, "mask", threshold)
+            answer["mask"] = base64.b64encode(png).decode()
+        elif mask == "rle":
+            answer["mask"] = rle(service.picture(client, job.id, index, "mask", threshold))
+        out.append(answer)
+    return out
+
+
+# ---- errors as {"error": one line} -------------------------------------------------------------
+def _refused(request: Request, e: InputError) -> JSONResponse:
+    return _error(str(e), next((s for t, s in STATUS.items() if isinstance(e, t)), 400))
+
+
+def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    """422 naming each field that does not fit, and what was given where it is short text."""
+    def one(err: dict) -> str:
+        field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        given = err.get("input")
+        got = f", got {given[:40]!r}" if isinstance(given, str) and err["type"] != "missing" \
+            else ""
+        return f"{field or 'request'}: {err['msg']}{got}"
+    return _error("; ".join(one(err) for err in e.errors()), 422)
+
+
+def _http(request: Request, e: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+
+def _with_token(schema: dict) -> dict:
+    """The OpenAPI document with the server's bearer token (``Guard`` checks it)."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "token": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"token": []}]
+    return schema
+
+
+def create_app(service: Service, access: Access = Access()) -> FastAPI:
+    """The ASGI app: ``Guard`` in front of the routes; stopping it closes the service."""
     @asynccontextmanager
     async def lifespan(app):
         yield
         service.close()
 
-    e = Endpoints(service)
-    jobs = "/api/jobs/{job}"
-    routes = [
-        Route("/", e.page), Route("/api/info", e.describe),
-        Route("/api/jobs", answers(e.create), methods=["POST"]),
-        Route(jobs, answers(e.status)),
-        Route(jobs, answers(e.cancel), methods=["DELETE"]),
-        Route(jobs + "/{what:str}/{index:int}.png", answers(e.picture)),
-        Route(jobs + "/map/{index:int}", answers(e.map_data)),
-        Route(jobs + "/scores.csv", answers(e.scores)),
-        Route(jobs + "/masks.zip", answers(e.masks_zip)),
-        Route("/api/v1/predict", answers(e.predict), methods=["POST"]),
-        Route("/api/v1/openapi.json", e.openapi),
-    ]
-    return Guard(Starlette(routes=routes, lifespan=lifespan), access, service.limits.request_bytes)
+    limits = service.limits
+    app = FastAPI(title="VCP-CLIP inspection service", version="1", lifespan=lifespan,
+                  openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None,
+                  form_limits={"max_files": max(limits.files_per_job, limits.sync_images),
+                               "max_fields": 100},
+                  exception_handlers={InputError: _refused, RequestValidationError: _invalid,
+                                      HTTPException: _http})
+    app.state.service = service
+    for router in (pages, api, uploads):
+        app.include_router(router)
+    app.openapi_schema = _with_token(app.openapi())
+    app.add_middleware(Guard, access=access, request_bytes=limits.request_bytes)
+    return app
