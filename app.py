@@ -6,7 +6,8 @@ calibrate the threshold, and an HTTP API for the line (``POST /api/v1/predict``)
     make app          # with the demo's checkpoint, after `make demo`
 
 The service itself is the library's (``utils/serving/service.py``: jobs, the fair queue, limits,
-shared folders; ``utils/serving/web.py``: the HTTP side and its checks); images go through the
+shared folders, a job's own scoring; ``utils/serving/profiles.py``: the product profiles under
+``--profiles_dir``; ``utils/serving/web.py``: the HTTP side and its checks); images go through the
 ``Predictor`` that ``predict.py`` runs. This script parses the flags, listens, prints the address
 and serves.
 
@@ -26,9 +27,11 @@ from pathlib import Path
 import uvicorn
 
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
-                       add_scoring_flags, at_least, fail, predictor_of)
+                       add_scoring_flags, at_least, check_output_folder, fail, predictor_of,
+                       strategy_options)
 from utils.errors import UsageError
 from utils.paths import DEFAULT_CHECKPOINT
+from utils.serving.profiles import ProfileLimits, Profiles
 from utils.serving.service import MiB, Limits, Service
 from utils.serving.web import LOOPBACK, Access, create_app
 
@@ -66,7 +69,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_scoring_flags(p, references="paths")  # as predict.py (an upload is a folder)
     add_onnx_flag(p)
     add_model_flags(p)
+    add_profile_flags(p)
     return p.parse_args(argv)
+
+
+def add_profile_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("product profiles (docs/app.md)")
+    g.add_argument("--profiles_dir", default="./results/app/profiles", metavar="DIR",
+                   help="where the product profiles are kept across restarts (default "
+                        "%(default)s, relative to the working directory)")
+    d = ProfileLimits()
+    g.add_argument("--max_profiles", type=at_least(1), default=d.profiles,
+                   help="profiles kept (default %(default)s)")
+    g.add_argument("--max_profile_references", type=at_least(1), default=d.references,
+                   help="reference images of one profile (default %(default)s)")
+    g.add_argument("--max_profiles_mb", type=at_least(1), default=d.disk_bytes // MiB,
+                   help="disk taken by every profile's images and cached reference memory "
+                        "(default %(default)s)")
+
+
+def profiles_of(args: argparse.Namespace) -> Profiles:
+    """The profiles under --profiles_dir (what a killed run left there is cleaned first)."""
+    check_output_folder(args.profiles_dir, "--profiles_dir")
+    return Profiles(args.profiles_dir, ProfileLimits(
+        profiles=args.max_profiles, references=args.max_profile_references,
+        disk_bytes=args.max_profiles_mb * MiB))
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -120,9 +147,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         sock = listen(args.host, args.port)  # a taken port fails before the model loads
+        profiles = profiles_of(args)
         predictor = predictor_of(args)
         service = Service(predictor, limits_of(args), args.allow_folder, args.threshold,
-                          description(args, predictor.strategy.name))
+                          description(args, predictor.strategy.name), profiles,
+                          strategy_options(args))
     except INPUT_ERRORS as e:
         return fail(e)
     access = access_of(args)

@@ -11,9 +11,6 @@ the peak RSS of the big upload; the last line is ``lost: N, failed: M``.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import CLIPConfig, VCPCLIP, VCPConfig, load_clip, save_checkpoint  # noqa: E402
 from tests.helpers.http_client import Client  # noqa: E402
+from tests.helpers.served import Served  # noqa: E402
 from tests.helpers.random_clip import write_openai_archive  # noqa: E402
 
 
@@ -41,27 +39,6 @@ def tiny_model(folder: Path) -> list[str]:
     save_checkpoint(VCPCLIP(load_clip(archive, 56), vcp), folder / "tiny_vcp.pth")
     return ["--checkpoint_path", str(folder / "tiny_vcp.pth"), "--pretrained_path", str(archive),
             "--device", "cpu"]
-
-
-class Served:
-    """``app.py`` in a subprocess on a free port of 127.0.0.1, its temporary files in ``tmp``."""
-
-    def __init__(self, flags: list[str], tmp: Path):
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--port", "0", *flags], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
-        self.url = re.search(r"http://[^ /]+:\d+", self.process.stdout.readline()).group(0)
-
-    def peak_rss(self) -> int:
-        """The server's peak resident memory so far, bytes (Linux's VmHWM)."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 LOCK = threading.Lock()

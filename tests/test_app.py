@@ -59,7 +59,10 @@ class Counted:
     """A predictor that counts its runs (the page's only way to the model)."""
 
     def __init__(self, run):
-        self.run, self.runtime, self.calls = run, run.runtime, []
+        self.run, self.calls = run, []
+
+    def __getattr__(self, name):  # its runtime, strategy, batch size: the predictor's
+        return getattr(self.run, name)
 
     def __call__(self, paths):
         self.calls.append(len(paths))
@@ -241,7 +244,9 @@ def test_the_line_api(served, images):
     schemas = spec["components"]["schemas"]
     ref = lambda holder: schemas[holder["schema"]["$ref"].rsplit("/", 1)[1]]
     form = ref(post["requestBody"]["content"]["multipart/form-data"])
-    assert set(form["properties"]) == {"images", "threshold", "mask"}
+    assert set(form["properties"]) == {"images", "threshold", "mask", "profile", "references",
+                                       "references_folder", "scoring", "fusion", "coreset"}
+    assert form["additionalProperties"] is False  # an unknown field is refused, not ignored
     assert form["required"] == ["images"]
     assert form["properties"]["mask"]["enum"] == ["none", "png", "rle"]
     answer = ref(post["responses"]["200"]["content"]["application/json"])

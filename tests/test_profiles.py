@@ -6,6 +6,7 @@ hostile names and limits are refused, a corrupt reference is named, and the uplo
 killed server is removed at the next start."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -15,6 +16,8 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,8 @@ import torch
 from PIL import Image
 
 import predict
+from helpers.http_client import Client
+from helpers.served import Served
 from utils.cli import predictor_of
 from utils.errors import UsageError
 from utils.inference.prediction import Predictor
@@ -32,6 +37,8 @@ from utils.serving import profiles as profiles_module
 from utils.serving.profiles import ProfileLimits, Profiles, check_name, model_key
 from utils.serving.service import (LimitError, Limits, NotFound, Service, claim_uploads,
                                    remove_abandoned_uploads)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def photo(path: Path, seed: int, size=(50, 40)) -> Path:
@@ -410,3 +417,206 @@ def test_the_model_key_holds_every_weight_the_precision_and_the_device(predictor
         other.clip.visual.conv1.weight.view(-1)[7] += 1e-3  # one weight of the backbone
     assert model_key(TorchRuntime(other, runtime.device)) != key
     assert model_key(TorchRuntime(runtime.model, runtime.device, "bf16")) != key
+
+
+# ---- over HTTP: profiles and a job's own scoring against a running app.py -------------------
+class Line:
+    """A line's ``app.py`` (the tiny model, ``photos`` shared, its profiles in ``box``, at most 3
+    profiles of at most 4 references); ``start`` starts it again on the same folders."""
+
+    def __init__(self, box: Path, flags: list[str]):
+        self.box, self.flags, self.logs = box, flags, []
+        self.profiles, self.tmp = box / "profiles", box / "tmp"
+        self.start()
+
+    def start(self) -> None:
+        self.logs.append(open(self.box / f"server{len(self.logs)}.log", "w+"))
+        self.served = Served([*self.flags, "--profiles_dir", str(self.profiles)], self.tmp,
+                             self.logs[-1])
+        self.client = Client(self.served.url)
+
+    def log(self) -> str:
+        return "".join(Path(f.name).read_text() for f in self.logs)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory, photos, tiny_archive, tiny_checkpoint):
+    line = Line(tmp_path_factory.mktemp("line"), [
+        "--checkpoint_path", str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+        "--device", "cpu", "--allow_folder", str(photos), "--max_profiles", "3",
+        "--max_profile_references", "4"])
+    yield line
+    assert line.served.stop() == -15
+    assert list(line.tmp.iterdir()) == []  # its upload folder removed
+    assert "Traceback" not in line.log()
+
+
+def files(field: str, folder: Path, count: int | None = None) -> list[tuple[str, Path]]:
+    return [(field, p) for p in sorted(folder.iterdir())[:count]]
+
+
+def answered(client: Client, path: str, form) -> tuple[dict, dict[str, float]]:
+    """``POST path`` (a predict call): its answer, and name -> max pixel score."""
+    status, body = client.json(path, form=form)
+    assert status == 200, body
+    return body, {a["name"]: a["max_pixel_score"] for a in body["images"]}
+
+
+def test_a_profile_over_the_api_scores_as_predict_reference(line, photos, predicted):
+    client, expected = line.client, predicted["reference"]
+    middle = sorted(expected.values())[1:3]
+    t = float(np.mean(middle))  # between two scores: no verdict hangs on the last digit
+    references, images = files("references", photos / "good"), files("images", photos / "line")
+    status, made = client.json("/api/v1/profiles/bracket-7", method="PUT",
+                               form=[*references, ("threshold", str(t))])
+    assert status == 200, made
+    assert {k: made[k] for k in ("name", "references", "reference_names", "threshold", "scoring",
+                                 "fusion", "options")} == {
+        "name": "bracket-7", "references": 4, "reference_names": [f"g{k}.png" for k in range(4)],
+        "threshold": t, "scoring": "reference", "fusion": "sum", "options": {"coreset": 1.0}}
+    assert client.json("/api/v1/profiles")[1] == [made]
+    assert client.json("/api/v1/profiles/bracket-7")[1] == made
+
+    body, scores = answered(client, "/api/v1/predict?profile=bracket-7", images)
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert body["threshold"] == t and body["profile"] == "bracket-7"
+    assert {a["name"]: a["verdict"] for a in body["images"]} == {
+        n: "NG" if s > t else "OK" for n, s in expected.items()}
+    assert {"NG", "OK"} == {a["verdict"] for a in body["images"]}
+    assert answered(client, "/api/v1/predict", [*images, ("profile", "bracket-7")])[0] == body
+    zero_shot = answered(client, "/api/v1/predict", images)[1]
+    assert zero_shot != pytest.approx(expected, abs=1e-4)
+
+    # a job's own references, uploaded or in a shared folder, on the API and on the page
+    own = answered(client, "/api/v1/predict", [*images, *references])[1]
+    assert own == pytest.approx(expected, abs=1e-4)
+    shared = answered(client, "/api/v1/predict", [*images, ("references_folder", "good")])[1]
+    assert shared == own
+    job = client.run_job([("kind", "inspect"), *images, *references])
+    assert {r["name"]: r["max_pixel_score"] for r in job["results"]} == own
+    assert job["scoring"] == {"scoring": "reference", "fusion": "sum", "references": 4,
+                              "profile": None} and job["profile"] is None
+    job = client.run_job([("kind", "inspect"), ("images_folder", "line"),
+                          ("profile", "bracket-7")])
+    assert {r["name"]: r["max_pixel_score"] for r in job["results"]} == {
+        f"line/{n}": s for n, s in own.items()}
+    assert job["profile"] == made and job["scoring"]["profile"] == "bracket-7"
+
+
+def big_photos(folder: Path, count: int, side: int = 1200) -> list[Path]:
+    return [photo(folder / f"big{k}.png", 100 + k, (side, side)) for k in range(count)]
+
+
+def test_profiles_survive_a_restart_and_a_kill_while_one_is_written(line, photos, tmp_path):
+    client, store = line.client, line.profiles
+    images = files("images", photos / "line")
+    status, old = client.json("/api/v1/profiles/p", method="PUT", form=[
+        *files("references", photos / "good", 2), ("threshold", "1.0")])
+    assert status == 200, old
+    before = answered(client, "/api/v1/predict?profile=p", images)[0]
+    [cache] = (store / "p").glob("memory-*.safetensors")
+    written = cache.stat().st_mtime_ns
+
+    assert line.served.stop() == -15 and list(line.tmp.iterdir()) == []  # SIGTERM
+    line.start()
+    client = line.client
+    assert old in client.json("/api/v1/profiles")[1]
+    assert answered(client, "/api/v1/predict?profile=p", images)[0] == before
+    assert cache.stat().st_mtime_ns == written  # its memory read from the cache, not rebuilt
+
+    # a SIGKILL while the profile is replaced by 4 large references: as soon as its new
+    # folder shows (or, if the write was too quick to see, once it is done)
+    client.run_job([("kind", "inspect"), *images])  # a job kept: uploads in the upload folder
+    [uploads] = list(line.tmp.iterdir())
+    form = [("references", p) for p in big_photos(tmp_path, 4)] + [("threshold", "2.0")]
+
+    def replace():
+        with contextlib.suppress(OSError):  # the server is killed under it
+            client.request("/api/v1/profiles/p", method="PUT", form=form)
+    replacing = threading.Thread(target=replace, daemon=True)
+    replacing.start()
+    deadline = time.monotonic() + 60
+    while replacing.is_alive() and time.monotonic() < deadline and \
+            not any(e.name.startswith(".new-p-") for e in store.iterdir()):
+        time.sleep(0.001)
+    line.served.kill()
+    replacing.join(30)
+    line.start()
+    client = line.client
+    assert not uploads.exists() and len(list(line.tmp.iterdir())) == 1
+    assert "removed 1 upload folder(s) that killed servers left" in line.log()
+    [p] = [s for s in client.json("/api/v1/profiles")[1] if s["name"] == "p"]
+    assert (p["threshold"], p["references"]) in [(1.0, 2), (2.0, 4)]  # the old one or the new
+    assert not [e for e in os.listdir(store) if e.startswith(".") and e != ".lock"]
+    body = answered(client, "/api/v1/predict?profile=p", images)[0]
+    if p["threshold"] == 1.0:  # killed while it was written: the next start said so
+        assert body == before
+        assert re.search(r"profiles in .*(removed a half-written p|put back p)", line.log())
+
+
+def test_hostile_profile_requests_are_refused_cleanly(line, photos, tmp_path):
+    """Each refusal: its status, one line naming what is wrong, no traceback and no path."""
+    client, other = line.client, Client(line.served.url)
+    good = files("references", photos / "good")
+    images = files("images", photos / "line")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    held = [s["name"] for s in client.json("/api/v1/profiles")[1]]
+    for k in range(3 - len(held)):  # up to the limit of 3 profiles
+        assert client.request(f"/api/v1/profiles/fill-{k}", method="PUT",
+                              form=good[:1])[0] == 200
+    job = client.run_job([("kind", "inspect"), *images[:1], *good[:1]])["id"]
+    put = lambda name, form: dict(path=f"/api/v1/profiles/{name}", method="PUT", form=form)
+    predict = lambda *form: dict(path="/api/v1/predict", form=[*images[:1], *form])
+    rows = [  # (what, request, status, words in the message)
+        *[(f"name {name!r}", put(name, good[:1]), 400, "expected 1 to 64 letters, digits")
+          for name in ["..%2F..%2Fetc", "%2e%2e", "a.b", "a%20b", "caf%C3%A9", "x" * 65, "%00",
+                       "", "a%2Fb"]],
+        ("a name to read", dict(path="/api/v1/profiles/.lock"), 400, "letters, digits"),
+        ("a name to delete", dict(path="/api/v1/profiles/..", method="DELETE"), 400, "letters"),
+        ("no such profile", dict(path="/api/v1/profiles/absent"), 404, "no profile 'absent'"),
+        ("delete no such profile", dict(path="/api/v1/profiles/absent", method="DELETE"), 404,
+         "no profile 'absent'"),
+        ("predict with no such profile", dict(path="/api/v1/predict?profile=absent",
+                                              form=images[:1]), 404, "no profile 'absent'"),
+        ("a job with no such profile", dict(path="/api/jobs", form=[
+            ("kind", "inspect"), *images[:1], ("profile", "absent")]), 404, "no profile"),
+        ("too many references", put("fill-0", [*good, ("references", photos / "line" / "i0.png")]),
+         413, "at most 4 (the references-per-profile limit)"),
+        ("too many profiles", put("fourth", good[:1]), 413, "at most 3 profiles (the profiles "
+                                                            "limit)"),
+        ("a corrupt reference of a profile", put("fill-0", [*good[:1], ("references", bad)]),
+         400, "reference image bad.png: cannot read it"),
+        ("a corrupt reference of a call", predict(("references", bad)), 400,
+         "reference image bad.png: cannot read it"),
+        ("another client's job", dict(path=f"/api/jobs/{job}", client=other), 404, "no job"),
+        ("a profile and references", predict(("profile", "fill-0"), *good[:1]), 400,
+         "a profile or those, not both"),
+        ("two different profiles", dict(path="/api/v1/predict?profile=a",
+                                        form=[*images[:1], ("profile", "b")]), 400,
+         "given twice"),
+        ("references for MuSc", predict(("scoring", "mutual"), *good[:1]), 400,
+         "read by reference scoring only"),
+        ("MuSc of one image", predict(("scoring", "mutual")), 400, "at least"),
+        ("a coreset above 1", predict(*good[:1], ("coreset", "2")), 422,
+         "coreset: Input should be less than or equal to 1"),
+        ("an unknown scoring", predict(("scoring", "best")), 422, "scoring: Input should be"),
+        ("an unknown fusion", predict(("fusion", "max")), 422, "fusion: Input should be"),
+        ("a field the server does not take", predict(("tile", "512")), 422,
+         "tile: Extra inputs are not permitted"),
+        ("a profile's threshold nan", put("fill-0", [("threshold", "nan")]), 422,
+         "threshold: Input should be a finite number"),
+    ]
+    internal = [str(line.box), str(photos), str(tmp_path), str(ROOT), "Traceback", 'File "']
+    for what, request, expected, words in rows:
+        status, body = request.pop("client", client).request(**request)
+        text = body.decode(errors="replace")
+        assert status == expected, (what, status, text)
+        message = json.loads(text)["error"]
+        assert words in message and "\n" not in message, (what, message)
+        assert not any(s in text for s in internal), (what, text)
+    assert [e for e in os.listdir(line.profiles) if e.startswith(".")] == [".lock"]
+    for k in range(3 - len(held)):
+        assert client.request(f"/api/v1/profiles/fill-{k}", method="DELETE")[0] == 200
+    assert [s["name"] for s in client.json("/api/v1/profiles")[1]] == held
+    assert "Traceback" not in line.log()

@@ -31,6 +31,7 @@ class Gated:
     """A stand-in predictor: each image waits for ``gate``; records the order of the images."""
 
     runtime = SimpleNamespace(image_size=8)
+    strategy = SimpleNamespace(name="zero_shot")
 
     def __init__(self):
         self.gate, self.seen = threading.Event(), []

@@ -196,6 +196,12 @@ def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
                            help=f.metadata.get("help", f"{strategy.name} scoring"))
 
 
+def strategy_options(args: argparse.Namespace) -> dict:
+    """Every registered strategy's options as the flags set them (``add_scoring_flags``)."""
+    return {f.name: getattr(args, f.name) for strategy in STRATEGIES.values()
+            for f in fields(strategy.Options)}
+
+
 def scoring_name(args: argparse.Namespace) -> str:
     """The strategy the flags choose; references given with another strategy are refused."""
     given = bool(getattr(args, "k_shot", 0)) or getattr(args, "reference", None) is not None

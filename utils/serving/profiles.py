@@ -50,6 +50,9 @@ __all__ = ["ProfileLimits", "Profile", "Profiles", "check_name", "model_key"]
 log = logging.getLogger("vcp.profiles")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SETTINGS = "profile.json"
+SUMMARY = ("name", "made", "references", "reference_names", "threshold", "scoring", "fusion",
+           "tile")  # the keys of profile.json a listing shows as they are
+INTERNAL = ("reference_files", "version")  # and those it leaves out
 REFERENCES = "references"
 MiB = 2 ** 20
 
@@ -100,8 +103,11 @@ class Profile:
                 for f, n in zip(self.settings["reference_files"], self.settings["reference_names"])]
 
     def summary(self) -> dict:
-        """What a listing shows: the settings without the file names."""
-        return {k: v for k, v in self.settings.items() if k not in ("reference_files", "version")}
+        """What a listing shows: the settings without the file names, the scoring's options
+        under ``options``."""
+        s = self.settings
+        options = {k: v for k, v in s.items() if k not in (*SUMMARY, *INTERNAL)}
+        return {**{k: s.get(k) for k in SUMMARY}, "options": options}
 
 
 class Profiles:

@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, Field
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
 
-__all__ = ["Finite", "Uploads", "Error", "Info", "JobForm", "JobCreated", "Result", "Skipped",
-           "Calibration", "JobStatus", "Cancelled", "MapData", "PredictForm", "RunLengths",
-           "ImageAnswer", "PredictAnswer"]
+from utils.scoring import FUSIONS, STRATEGIES
+
+__all__ = ["Finite", "Uploads", "Error", "Info", "ScoringForm", "JobForm", "JobCreated",
+           "Result", "Skipped", "Calibration", "JobScoring", "ProfileSummary", "JobStatus",
+           "Cancelled", "MapData", "PredictForm", "RunLengths", "ImageAnswer", "PredictAnswer",
+           "ProfileForm", "ProfileDeleted"]
 
 
 Finite = Annotated[float, AllowInfNan(False)]  # nan and inf are refused
@@ -39,14 +42,37 @@ class Info(BaseModel):
     model: str = Field(description="the model and scoring (a checkpoint by its file name)")
     threshold: float = Field(description="the server's T, the slider's first position")
     folders: bool = Field(description="whether the server shares folders (--allow_folder)")
+    scoring: str = Field(description="the server's scoring, a job's default")
+    profiles: bool = Field(description="whether the server keeps product profiles")
     max_files: int
     max_request_bytes: int
 
 
+# ---- a job's own scoring -----------------------------------------------------------------------
+class ScoringForm(BaseModel):
+    """A job's own scoring, each field defaulting to the server's (its flags): normal reference
+    images (uploaded and/or a shared folder), the strategy, the fusion rule and the coreset. An
+    unknown field is refused (422), not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    references: Uploads = Field([], description="normal images of the product: reference "
+                                "scoring against their patches")
+    references_folder: str = Field("", description="normal images in a shared folder")
+    scoring: Literal[tuple(STRATEGIES)] | None = Field(  # type: ignore[valid-type]
+        None, description="default: reference with references, else the server's")
+    fusion: Literal[FUSIONS] | None = Field(  # type: ignore[valid-type]
+        None, description="how the reference map joins the zero-shot maps; default the "
+        "server's")
+    coreset: Finite | None = Field(None, gt=0.0, le=1.0, description="keep this fraction of the "
+                                   "reference memory (greedy coreset); default the server's")
+
+
 # ---- the page's jobs ---------------------------------------------------------------------------
-class JobForm(BaseModel):
+class JobForm(ScoringForm):
     """A job of the page: images to inspect, or normal (and defective) images to calibrate T on;
-    each group as uploaded files and/or a folder the server shares."""
+    each group as uploaded files and/or a folder the server shares; scored by the server's
+    scoring, the job's own or a product profile's."""
 
     kind: Literal["inspect", "calibrate"]
     images: Uploads = []
@@ -58,6 +84,8 @@ class JobForm(BaseModel):
     defective_folder: str = ""
     false_alarm_rate: Finite = Field(0.01, ge=0.0, lt=1.0, description="calibrate: the share "
                                      "of normal images allowed above T")
+    profile: str | None = Field(None, description="a product profile's references and scoring "
+                                "(not with the fields above)")
 
 
 class JobCreated(BaseModel):
@@ -86,9 +114,31 @@ class Calibration(BaseModel):
     defective_scores: list[float]
 
 
+class JobScoring(BaseModel):
+    """A job's own scoring (null in a job's status: the server's)."""
+
+    scoring: str
+    fusion: str
+    references: int = Field(description="normal reference images")
+    profile: str | None = Field(description="the product profile they come from")
+
+
+class ProfileSummary(BaseModel):
+    """A product profile as listed."""
+
+    name: str
+    made: str = Field(description="when it was written, ISO 8601 UTC")
+    references: int = Field(description="its normal reference images")
+    reference_names: list[str] = Field(description="as they were given")
+    threshold: float | None = Field(description="its T; null: the server's")
+    scoring: str
+    fusion: str
+    options: dict[str, float | list[int]] = Field(description="the scoring's options")
+
+
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["inspect", "calibrate"]
+    kind: Literal["inspect", "calibrate", "profile"]
     state: Literal["queued", "running", "finished", "cancelled"]
     total: int
     done: int
@@ -100,6 +150,8 @@ class JobStatus(BaseModel):
     skipped: list[Skipped] = Field(description="from ?skipped_since= on")
     skipped_count: int
     calibration: Calibration | None
+    scoring: JobScoring | None = Field(description="the job's own scoring; null: the server's")
+    profile: ProfileSummary | None = Field(description="the profile it used")
 
 
 class Cancelled(BaseModel):
@@ -114,10 +166,13 @@ class MapData(BaseModel):
 
 
 # ---- the line's API ----------------------------------------------------------------------------
-class PredictForm(BaseModel):
+class PredictForm(ScoringForm):
     images: Uploads = Field(description="the images, in the order of the answer")
-    threshold: Finite | None = Field(None, description="T; default the server's")
+    threshold: Finite | None = Field(None, description="T; default the profile's, else the "
+                                     "server's")
     mask: Literal["none", "png", "rle"] = "none"
+    profile: str | None = Field(None, description="a product profile's references, scoring and "
+                                "T (or ?profile=)")
 
 
 class RunLengths(BaseModel):
@@ -141,4 +196,17 @@ class ImageAnswer(BaseModel):
 
 class PredictAnswer(BaseModel):
     threshold: float
+    profile: str | None = Field(None, description="the product profile used")
     images: list[ImageAnswer] = Field(description="one per image, in input order")
+
+
+# ---- product profiles --------------------------------------------------------------------------
+class ProfileForm(ScoringForm):
+    """A product profile: its normal reference images, scoring and T, created or replaced."""
+
+    threshold: Finite | None = Field(None, description="its T; default none (the server's)")
+
+
+class ProfileDeleted(BaseModel):
+    profile: str
+    state: Literal["deleted"]

@@ -356,7 +356,8 @@ class Service:
         self.scoring_defaults = dict(scoring_defaults or {})
         self.folders = Folders(list(folders), limits)
         self.info = {"model": description, "threshold": threshold,
-                     "folders": bool(self.folders.roots), "max_files": limits.files_per_job,
+                     "folders": bool(self.folders.roots), "scoring": predictor.strategy.name,
+                     "profiles": profiles is not None, "max_files": limits.files_per_job,
                      "max_request_bytes": limits.request_bytes}
         self.root, self.owner = claim_uploads()
         removed = remove_abandoned_uploads()
@@ -434,7 +435,7 @@ class Service:
             if given:
                 raise UsageError("a profile brings its own references and scoring: give a "
                                  "profile or those, not both", option="profile")
-            return self._profile_scoring(self._profiles().read(profile))
+            return self._profile_scoring(self.profile_store().read(profile))
         if not given:
             return None
         scoring, base = self._scoring(references, name, fusion, options), self.predictor.strategy
@@ -476,12 +477,13 @@ class Service:
         with removed_on_error(folder):
             check_name(name)
             scoring = scoring or self._scoring(name=self.predictor.strategy.name)
-            self._profiles().check_room(name, len(scoring.references), _size_of(folder)
-                                        + self._references_memory(scoring, {}))
+            self.profile_store().check_room(name, len(scoring.references), _size_of(folder)
+                                            + self._references_memory(scoring, {}))
         save_as = {"name": name, "threshold": threshold, "tile": tile}
         return self.submit(client, "profile", {}, folder, scoring=scoring, save_as=save_as)
 
-    def _profiles(self) -> Profiles:
+    def profile_store(self) -> Profiles:
+        """The product profiles (a server without them refuses)."""
         if self.profiles is None:
             raise UsageError("this server keeps no profiles", option="profile")
         return self.profiles

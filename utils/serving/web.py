@@ -1,7 +1,8 @@
 """The inspection service over HTTP (FastAPI on Starlette): the page ``web/page.html``, its JSON
-and PNG endpoints, and the line's API ``POST /api/v1/predict``; the OpenAPI document
-``GET /api/v1/openapi.json`` is generated from the models of ``utils/serving/schemas.py`` and
-``GET /api/v1/docs`` (``web/api.html``) draws it, with a form to try each endpoint.
+and PNG endpoints, and the line's API ``POST /api/v1/predict`` with the product profiles
+``/api/v1/profiles/{name}``; the OpenAPI document ``GET /api/v1/openapi.json`` is generated
+from the models of ``utils/serving/schemas.py`` and ``GET /api/v1/docs`` (``web/api.html``)
+draws it, with a form to try each endpoint.
 
     app = create_app(Service(predictor, limits), Access(token=None, hosts=["line3.local"]))
 
@@ -45,9 +46,10 @@ from utils.data.images import IMAGE_EXTENSIONS
 from utils.inference.outputs import scores_csv
 from utils.paths import ROOT
 from utils.serving.schemas import (Cancelled, Error, Finite, Info, JobCreated, JobForm,
-                                   JobStatus, MapData, PredictAnswer, PredictForm)
-from utils.serving.service import (GROUPS, PICTURES, Gone, LimitError, NotFound, Service,
-                                   removed_on_error, safe_name)
+                                   JobStatus, MapData, PredictAnswer, PredictForm, ProfileDeleted,
+                                   ProfileForm, ProfileSummary, ScoringForm)
+from utils.serving.service import (GROUPS, PICTURES, Gone, Job, LimitError, NotFound, Scoring,
+                                   Service, removed_on_error, safe_name)
 
 __all__ = ["Access", "LOOPBACK", "create_app", "rle", "api", "uploads", "ServiceDep", "ClientDep"]
 
@@ -214,7 +216,7 @@ class UploadRoute(APIRoute):
 REFUSALS = {status: {"model": Error, "description": what} for status, what in [
     (400, "bad input"), (401, "token missing or wrong"), (403, "host or origin refused"),
     (404, "not yours, or no such thing"), (410, "expired or deleted"),
-    (413, "over a limit (request size, files, pixels, memory or disk held)"),
+    (413, "over a limit (request size, files, pixels, memory or disk held, profiles)"),
     (422, "a field that does not fit, named")]}
 PNG = {200: {"content": {"image/png": {}}, "description": "a PNG"}}
 
@@ -262,12 +264,34 @@ def _save(uploads: list[UploadFile], folder: Path) -> list[tuple[Path, str]]:
     return saved
 
 
+def _scoring(form: ScoringForm, folder: Path, service: Service,
+             profile: str | None = None) -> Scoring | None:
+    """A job's own scoring from a form's fields (its reference uploads saved in ``folder``, a
+    shared folder's listed), or the ``profile``'s; None: the server's. In a worker thread."""
+    references = _save(form.references, folder / "references")
+    shared = form.references_folder.strip()
+    if shared:
+        references += service.folders.images(shared)
+    return service.scoring(references, form.scoring, form.fusion, {"coreset": form.coreset},
+                           profile or None)
+
+
+async def _finished(job: Job) -> Job:
+    """A job that a request waits for, once it is over; its error (or a stop) as a refusal."""
+    while not job.over.is_set():
+        await asyncio.sleep(0.01)
+    if job.error or job.state != "finished":
+        raise UsageError(job.error or "the server stopped before this request was done")
+    return job
+
+
 @uploads.post("/api/jobs", response_model=JobCreated,
               summary="queue a job of the page: inspect images, or calibrate T")
 async def create(form: Annotated[JobForm, File()], service: ServiceDep,
                  client: ClientDep) -> dict:
     groups = GROUPS[form.kind]
-    at_most(sum(len(getattr(form, g)) for g in groups), service.limits.files_per_job)
+    at_most(sum(len(getattr(form, g)) for g in (*groups, "references")),
+            service.limits.files_per_job)
     folder = service.new_folder()
 
     def queue():  # a worker thread: save the uploads, list the shared folders
@@ -281,7 +305,9 @@ async def create(form: Annotated[JobForm, File()], service: ServiceDep,
                 what = "images" if groups[0] == "images" else f"{groups[0]} images"
                 raise UsageError(f"no {what} given: choose image files"
                                  + (" or name a shared folder" if service.folders.roots else ""))
-        return service.submit(client, form.kind, inputs, folder, form.false_alarm_rate)
+            scoring = _scoring(form, folder, service, form.profile)
+        return service.submit(client, form.kind, inputs, folder, form.false_alarm_rate,
+                              scoring=scoring)
     return {"job": (await run_in_threadpool(queue)).id}
 
 
@@ -362,26 +388,30 @@ def rle(mask: np.ndarray) -> dict:
 
 @uploads.post("/api/v1/predict", response_model=PredictAnswer, response_model_exclude_none=True,
               summary="score a few images (16 by default) and answer at once, in input order")
-async def predict(form: Annotated[PredictForm, File()], service: ServiceDep,
-                  client: ClientDep) -> dict:
+async def predict(form: Annotated[PredictForm, File()], service: ServiceDep, client: ClientDep,
+                  profile: Annotated[str | None, Query(description="a product profile (or the "
+                                                       "form's profile)")] = None) -> dict:
     at_most(len(form.images), service.limits.sync_images)
-    threshold = service.info["threshold"] if form.threshold is None else form.threshold
+    at_most(len(form.images) + len(form.references), service.limits.files_per_job)
+    if form.profile and profile and form.profile != profile:
+        raise UsageError("profile: given twice (the form's and ?profile=), differently")
     folder = service.new_folder()
 
     def queue():
         with removed_on_error(folder):
             inputs = {"images": _save(form.images, folder / "images")}
-        return service.submit(client, "inspect", inputs, folder)
+            scoring = _scoring(form, folder, service, form.profile or profile)
+        return service.submit(client, "inspect", inputs, folder, scoring=scoring)
     job = await run_in_threadpool(queue)
     try:
-        while not job.over.is_set():
-            await asyncio.sleep(0.01)
-        if job.error or job.state != "finished":
-            raise UsageError(job.error or "the server stopped before this request was done")
+        await _finished(job)
+        used = job.profile or {}
+        threshold = next(t for t in (form.threshold, used.get("threshold"),
+                                     service.info["threshold"]) if t is not None)
         images = await run_in_threadpool(_answers, service, job, threshold, form.mask, client)
     finally:
         service.delete(job)
-    return {"threshold": threshold, "images": images}
+    return {"threshold": threshold, "profile": used.get("name"), "images": images}
 
 
 def _answers(service: Service, job, threshold: float, mask: str, client: str) -> list[dict]:
@@ -404,6 +434,47 @@ def _answers(service: Service, job, threshold: float, mask: str, client: str) ->
             answer["mask"] = rle(service.picture(client, job.id, index, "mask", threshold))
         out.append(answer)
     return out
+
+
+# ---- product profiles: shared by every client of the server ----------------------------------
+PROFILE = "/api/v1/profiles/{name:path}"  # any text, so that a bad name is a 400 naming it
+
+
+@api.get("/api/v1/profiles", response_model=list[ProfileSummary],
+         summary="the product profiles, by name")
+async def list_profiles(service: ServiceDep) -> list[dict]:
+    return await run_in_threadpool(lambda: service.profile_store().list())
+
+
+@uploads.put(PROFILE, response_model=ProfileSummary,
+             summary="create or replace a product profile (its normal references, scoring and "
+                     "T); answers once its reference memory is built and written")
+async def save_profile(name: str, form: Annotated[ProfileForm, File()], service: ServiceDep,
+                       client: ClientDep) -> dict:
+    at_most(len(form.references), service.limits.files_per_job)
+    folder = service.new_folder()
+
+    def queue():
+        with removed_on_error(folder):
+            scoring = _scoring(form, folder, service)
+        return service.save_profile(client, name, scoring, folder, form.threshold)
+    job = await run_in_threadpool(queue)
+    try:
+        await _finished(job)
+    finally:
+        service.delete(job)
+    return job.profile
+
+
+@api.get(PROFILE, response_model=ProfileSummary, summary="one product profile")
+async def read_profile(name: str, service: ServiceDep) -> dict:
+    return (await run_in_threadpool(service.profile_store().read, name)).summary()
+
+
+@api.delete(PROFILE, response_model=ProfileDeleted, summary="delete a product profile")
+async def delete_profile(name: str, service: ServiceDep) -> dict:
+    await run_in_threadpool(service.profile_store().delete, name)
+    return {"profile": name, "state": "deleted"}
 
 
 # ---- errors as {"error": one line} -------------------------------------------------------------
