@@ -408,9 +408,15 @@ def rows(driver) -> list[dict]:
 
 def upload(driver, url, image_paths, count=None):
     """Open the page, upload the images, wait until ``count`` (default: all) have a row."""
-    from selenium.webdriver.common.by import By
     driver.get(url)
     driver.execute_script("performance.setResourceTimingBufferSize(100000)")
+    run_images(driver, image_paths, count)
+
+
+def run_images(driver, image_paths, count=None):
+    """Choose the images on the open page and run them; wait until ``count`` (default: all)
+    have a row."""
+    from selenium.webdriver.common.by import By
     driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in image_paths))
     driver.find_element(By.ID, "run").click()
     n = len(image_paths) if count is None else count
@@ -515,6 +521,78 @@ def test_page_in_a_browser(served, images, tmp_path, tiny_archive, tiny_checkpoi
             assert Image.open(tmp_path / shot).size[0] > 600
     finally:
         driver.quit()
+
+
+@pytest.mark.browser
+def test_normal_images_and_a_profile_on_the_page(tiny_archive, tiny_checkpoint, images,
+                                                  tmp_path):
+    """A job with normal images chosen on the page scores as the API does with them (not as
+    zero-shot); Calibrate T then Save as profile writes them with T, and after a restart the
+    profile is listed, picked (its T on the slider) and scores as the API's ?profile=."""
+    import predict
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from utils.serving.profiles import Profiles
+    from utils.serving.service import Service
+    predictor = predictor_of(predict.parse_args([
+        "--checkpoint_path", str(tiny_checkpoint), "--pretrained_path", str(tiny_archive),
+        "--device", "cpu", "--num_workers", "0"]))
+    rng = np.random.default_rng(5)
+    references = [tmp_path / f"good{k}.png" for k in range(3)]
+    for path in references:
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    inspected = [images / "wide.png", images / "tall.jpg"]
+    form = [("images", p) for p in inspected]
+    start = lambda: Server(Service(predictor, profiles=Profiles(tmp_path / "profiles"),
+                                   description="tiny"))
+    scores = lambda answer: {a["name"]: a["max_pixel_score"] for a in answer["images"]}
+    shown = lambda d: {r["name"]: r["max_pixel_score"] for r in rows(d)}
+    said = lambda d: d.find_element(By.ID, "job-scoring").text
+    server, driver = start(), start_browser()
+    try:
+        client = Client(server.url)
+        zero_shot = scores(client.json("/api/v1/predict", form=form)[1])
+        own = scores(client.json("/api/v1/predict", form=[
+            *form, *[("references", p) for p in references]])[1])
+        driver.get(server.url)
+        wait(driver, lambda d: d.find_element(By.ID, "profile-box").is_displayed(), "profiles")
+        driver.find_element(By.ID, "references").send_keys("\n".join(map(str, references)))
+        assert Select(driver.find_element(By.ID, "scoring")).first_selected_option \
+            .get_attribute("value") == "reference"
+        run_images(driver, inspected)
+        assert shown(driver) == pytest.approx(own, abs=1e-4)
+        assert shown(driver) != pytest.approx(zero_shot, abs=1e-4)
+        assert said(driver) == "scored with reference scoring against 3 normal image(s)"
+
+        calibrate_on_page(driver, [images / "deep.tif", images / "wide.png"], [], "0.5")
+        t = driver.execute_script("return state.calibrated")
+        driver.find_element(By.ID, "profile-name").send_keys("bracket-7")
+        driver.find_element(By.ID, "save-profile").click()
+        wait(driver, lambda d: "saved profile bracket-7" in d.find_element(By.ID, "messages")
+             .text, "the saved profile")
+        status, saved = client.json("/api/v1/profiles/bracket-7")
+        assert status == 200 and saved["references"] == 3 and saved["threshold"] == t
+        assert saved["reference_names"] == [p.name for p in references]
+    finally:
+        server.stop()
+
+    server = start()  # a restart: the profile is read from the disk
+    try:
+        driver.get(server.url)
+        wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#profile option")) == 2,
+             "the profile listed")
+        Select(driver.find_element(By.ID, "profile")).select_by_value("bracket-7")
+        assert shown_t(driver) == pytest.approx(t, rel=1e-5)
+        run_images(driver, inspected)
+        by_profile = scores(Client(server.url).json("/api/v1/predict?profile=bracket-7",
+                                                    form=form)[1])
+        assert by_profile == pytest.approx(own, abs=1e-6)
+        assert shown(driver) == pytest.approx(by_profile, abs=1e-4)  # 4 decimals shown
+        assert said(driver).startswith("scored with profile bracket-7: 3 normal image(s), "
+                                       "reference scoring, its T ")
+    finally:
+        driver.quit()
+        server.stop()
 
 
 @pytest.mark.browser
