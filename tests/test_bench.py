@@ -33,12 +33,20 @@ def test_benchmark_smoke(script):
 
 
 def test_service_load_smoke():
-    """The service's load run, small: every job and call comes back, none lost or failed."""
+    """The service's load run, small: every job and call comes back, none lost or failed, with
+    and without a profile; the memory's costs at the tiny model's shapes."""
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "service_load.py"), "--clients",
                           "3", "--jobs", "2", "--api_clients", "2", "--api_calls", "2", "--big",
-                          "1500"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          "1500", "--profile_references", "2", "--memory_config",
+                          "configs/tiny.json", "--memory_size", "56", "--memory_references", "2",
+                          "4", "--memory_forwards", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert lines[-1] == "lost: 0, failed: 0"
-    assert "page jobs: 6 done" in run.stdout and "API calls: 4 done" in run.stdout
+    assert run.stdout.count("page jobs: 6 done") == run.stdout.count("API calls: 4 done") == 2
+    assert "a profile of 2 normal images" in run.stdout
     assert re.search(r"1500x1500 upload.*peak RSS \d+\.\d\d GiB", run.stdout)
+    assert re.search(r"2 references: whole 0\.1 MiB \(2 forwards measured.*coreset 0\.1 "
+                     r"0\.0 MiB \(3 of 32 patches", run.stdout)
+    assert "4 references: whole 0.1 MiB (4 forwards not run" in run.stdout
