@@ -279,8 +279,11 @@ def test_command_line_errors(tmp_path, tiny_archive, capsys):
     try:
         port = str(taken.getsockname()[1])
         missing = ["--port", "0", "--checkpoint_path", str(tmp_path / "none.pth")]
+        (tmp_path / "a_file").write_text("")
+        not_a_folder = ["--port", "0", "--profiles_dir", str(tmp_path / "a_file" / "profiles")]
         for flags, message in [(["--port", port], f"--port {port}: cannot listen there"),
-                               (missing, "none.pth")]:
+                               (missing, "none.pth"),
+                               (not_a_folder, "a_file is a file, not a folder")]:
             assert app.main(["--pretrained_path", str(tiny_archive), *flags]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -1,9 +1,12 @@
-"""Per-job scoring and product profiles in the service (utils/serving/service.py,
-utils/serving/profiles.py), without HTTP: a profile's and a job's own references score as
-``predict.py --reference`` does, the cached memory is read after a restart (not built again), a
-kill at any line of a profile's write leaves the old or the new profile after the next start,
-hostile names and limits are refused, a corrupt reference is named, and the upload folder of a
-killed server is removed at the next start."""
+"""Per-job scoring and product profiles: in the service (utils/serving/service.py,
+utils/serving/profiles.py) a profile's and a job's own references score as ``predict.py
+--reference`` does, the cached memory is read after a restart (not built again), a kill at any
+line of a profile's write leaves the old or the new profile after the next start, hostile names
+and limits are refused, a corrupt reference is named, and the upload folder of a killed server is
+removed at the next start; over HTTP, against a running ``app.py``, the same: a profile made with
+``PUT /api/v1/profiles/NAME`` answers ``POST /api/v1/predict?profile=NAME`` as ``predict.py
+--reference`` and at its T, after a SIGTERM and a new start too; a SIGKILL while a profile is
+replaced; hostile requests refused with their status and one line."""
 from __future__ import annotations
 
 import contextlib
