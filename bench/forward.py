@@ -76,7 +76,10 @@ def run_mode(fn, images, device, precision, args) -> dict:
     """One way of running ``fn``: the first call's seconds (a compiled function compiles there),
     seconds per batch after warm-up, peak memory, and its maps (float32 copies: CUDA graphs
     overwrite their outputs on the next replay)."""
+    step_begin = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)  # torch>=2.2
+
     def call():
+        step_begin()  # each call a new step for CUDA graphs (reduce-overhead)
         with torch.inference_mode(), autocast(device, precision):
             return fn(images)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
