@@ -13,7 +13,10 @@ and serves.
 
 Safe by default (docs/app.md): loopback only; no server folder is readable unless
 ``--allow_folder`` names it; listening beyond loopback needs a token (printed at start, or
-``--token``), and the ``Host`` header must be a loopback name or an ``--allowed_host``.
+``--token``), and the ``Host`` header must be a loopback name or an ``--allowed_host``. A request
+must arrive within its deadlines (``--header_timeout``, ``--min_body_rate``), connections are
+capped (``--max_connections``), and the open-file limit is raised to the system's at start, so
+slow clients cannot starve the server (``utils/serving/connections.py``).
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ from pathlib import Path
 import uvicorn
 
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
-                       add_scoring_flags, at_least, check_output_folder, fail, predictor_of,
-                       strategy_options)
+                       add_scoring_flags, at_least, check_output_folder, fail, positive,
+                       predictor_of, strategy_options)
 from utils.errors import UsageError
 from utils.paths import DEFAULT_CHECKPOINT
+from utils.serving.connections import ConnectionLimits, protocol_for, raise_open_file_limit
 from utils.serving.profiles import ProfileLimits, Profiles
 from utils.serving.service import MiB, Limits, Service
 from utils.serving.web import LOOPBACK, Access, create_app
@@ -65,6 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="maps kept for all jobs (default %(default)s)")
     s.add_argument("--max_output_side", type=at_least(16), default=d.output_side,
                    help="longest side of an image, overlay or mask served (default %(default)s)")
+    c = ConnectionLimits()
+    s.add_argument("--header_timeout", type=positive, default=c.header_seconds, metavar="S",
+                   help="seconds a client has to send a request's line and headers; then the "
+                        "connection is closed (default %(default)s)")
+    s.add_argument("--min_body_rate", type=positive, default=c.body_rate / 1024, metavar="KIB_S",
+                   help="KiB a second a request's body must average after --header_timeout "
+                        "seconds; slower: 408 and closed (default %(default)s)")
+    s.add_argument("--max_connections", type=at_least(1), default=c.connections,
+                   help="connections open at once, at most half the open-file limit; past it the "
+                        "one waiting longest for its request is closed, or the new one gets 503 "
+                        "(default %(default)s)")
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
     add_scoring_flags(p, references="paths")  # as predict.py (an upload is a folder)
     add_onnx_flag(p)
@@ -94,6 +109,11 @@ def profiles_of(args: argparse.Namespace) -> Profiles:
     return Profiles(args.profiles_dir, ProfileLimits(
         profiles=args.max_profiles, references=args.max_profile_references,
         disk_bytes=args.max_profiles_mb * MiB))
+
+
+def connection_limits_of(args: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(header_seconds=args.header_timeout,
+                            body_rate=args.min_body_rate * 1024, connections=args.max_connections)
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -145,6 +165,7 @@ def announce(args: argparse.Namespace, access: Access, port: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    raise_open_file_limit()  # before the model's files and any connection
     try:
         sock = listen(args.host, args.port)  # a taken port fails before the model loads
         profiles = profiles_of(args)
@@ -157,7 +178,8 @@ def main(argv=None) -> int:
     access = access_of(args)
     announce(args, access, sock.getsockname()[1])
     config = uvicorn.Config(create_app(service, access), log_level="warning",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            http=protocol_for(connection_limits_of(args)))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

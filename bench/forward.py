@@ -1,25 +1,39 @@
-"""Speed and memory of the VCP-CLIP test forward, a training step, and batched vs per-image text
-encoding, with random weights of the real shapes.
+"""Speed and memory of the VCP-CLIP test forward, a training step, batched vs per-image text
+encoding and, with ``--compile``, the compiled test forward against eager, with random weights of
+the real shapes.
 
     python bench/forward.py                                   # ViT-L/14@336 at 518 px on a GPU
     python bench/forward.py --config configs/tiny.json --image_size 112 --batch_size 4   # CPU
+    python bench/forward.py --compile --no_train_step         # + torch.compile, on a GPU
 
-The last line compares the batched prompted text encoding with the reference's loop over images
-and templates (one sequence at a time): ``speedup: <ratio>x`` (docs/performance.md).
+``--compile`` times ``torch.compile`` of the test forward (images -> the two abnormal maps, the
+upsampling included) in each of ``--compile_modes`` (default: "default" and, on CUDA only,
+"reduce-overhead", which adds CUDA graphs) against eager in the same run: images/s, peak memory,
+the first call's seconds (where the compilation happens), the graphs and graph breaks dynamo
+found, and the max |diff| of the raw and new maps to eager's.
+
+The last line is ``speedup: <ratio>x``: without ``--compile``, the batched prompted text encoding
+over the reference's loop over images and templates (one sequence at a time); with it, eager's
+seconds per batch over the fastest compiled mode's (docs/performance.md).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import build, peak_memory, per_image_text, timed  # noqa: E402
 from utils.device import autocast  # noqa: E402
 from model.losses import segmentation_loss  # noqa: E402
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MIN_GAIN, MAX_DIFF = 1.10, 1e-3  # what would earn the runtimes a --compile (docs/performance.md)
 
 
 def parse_args(argv=None):
@@ -35,7 +49,82 @@ def parse_args(argv=None):
     p.add_argument("--features_list", type=int, nargs="+", default=None,
                    help="default: 4 layers evenly spaced, the last one included")
     p.add_argument("--no_train_step", action="store_true")
-    return p.parse_args(argv)
+    g = p.add_argument_group("compiled vs eager")
+    g.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the test forward against eager")
+    g.add_argument("--compile_modes", nargs="+", default=None, choices=COMPILE_MODES,
+                   help="default: default and, on CUDA, reduce-overhead (CUDA graphs)")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile's backend (aot_eager: a quick check on a CPU)")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.compile_modes = args.compile_modes or (["default", "reduce-overhead"] if cuda
+                                                else ["default"])
+    if not cuda and set(args.compile_modes) - {"default"}:
+        p.error(f"--compile_modes {' '.join(args.compile_modes)}: on {args.device} only default")
+    return args
+
+
+def maps_forward(model):
+    """The function compiled and timed: images [B,3,S,S] -> (raw, new) maps, each [B,S,S]."""
+    def run(images):
+        return model(images).abnormal()
+    return run
+
+
+def run_mode(fn, images, device, precision, args) -> dict:
+    """One way of running ``fn``: the first call's seconds (a compiled function compiles there),
+    seconds per batch after warm-up, peak memory, and its maps (float32 copies: CUDA graphs
+    overwrite their outputs on the next replay)."""
+    step_begin = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)  # torch>=2.2
+
+    def call():
+        step_begin()  # each call a new step for CUDA graphs (reduce-overhead)
+        with torch.inference_mode(), autocast(device, precision):
+            return fn(images)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    call()
+    sync()
+    first = time.perf_counter() - start
+    seconds = timed(call, device, args.iters, args.warmup)
+    maps = [m.float().clone() for m in call()]  # [B, S, S] raw, new
+    return dict(first=first, seconds=seconds, peak=peak_memory(device), maps=maps)
+
+
+def compiled(model, mode: str, backend: str):
+    """A fresh ``torch.compile`` of the test forward (dynamo's caches and counters reset)."""
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(maps_forward(model), backend=backend,
+                         mode=None if mode == "default" else mode)
+
+
+def compare_compiled(model, images, device, precision, args) -> float:
+    """Eager against each compiled mode, one line each; returns eager's seconds per batch over
+    the fastest mode's."""
+    b = images.shape[0]
+    eager = run_mode(maps_forward(model), images, device, precision, args)
+    print(f"eager: {b / eager['seconds']:.1f} images/s ({eager['seconds'] * 1000:.0f} ms/batch), "
+          f"peak memory {eager['peak']}", flush=True)
+    times, met = {}, []
+    for mode in args.compile_modes:
+        r = run_mode(compiled(model, mode, args.compile_backend), images, device, precision, args)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        diffs = [(c - e).abs().max().item() for c, e in zip(r["maps"], eager["maps"])]
+        times[mode] = r["seconds"]
+        if eager["seconds"] / r["seconds"] > MIN_GAIN and max(diffs) <= MAX_DIFF:
+            met.append(mode)
+        print(f"compiled ({args.compile_backend}, mode {mode}): {b / r['seconds']:.1f} images/s "
+              f"({r['seconds'] * 1000:.0f} ms/batch, {eager['seconds'] / r['seconds']:.2f}x "
+              f"eager), first call {r['first']:.1f} s, peak memory {r['peak']}, {graphs} graphs, "
+              f"{breaks} graph breaks; maps vs eager max |diff| raw {diffs[0]:.1e}, "
+              f"new {diffs[1]:.1e}", flush=True)
+    print(f"compile criterion (> {MIN_GAIN:.2f}x eager, maps within {MAX_DIFF:.0e}): "
+          + (f"met by {', '.join(met)}" if met else "not met"))
+    return eager["seconds"] / min(times.values())
 
 
 def main(argv=None) -> None:
@@ -105,8 +194,9 @@ def main(argv=None) -> None:
     tb = timed(batched, device, args.iters, args.warmup)
     tl = timed(looped, device, args.iters, args.warmup)
     print(f"text encoding of {args.batch_size} images x 2 templates: batched {tb * 1000:.1f} ms, "
-          f"per-image loop {tl * 1000:.1f} ms (max |diff| {diff:.1e})")
-    print(f"speedup: {tl / tb:.1f}x")
+          f"per-image loop {tl * 1000:.1f} ms ({tl / tb:.1f}x, max |diff| {diff:.1e})", flush=True)
+    ratio = compare_compiled(model, images, device, precision, args) if args.compile else tl / tb
+    print(f"speedup: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,8 @@ def test_hostile_requests(hostile, tmp_path):
         ("oversized upload", me, "/api/jobs",
          dict(form=inspect(("images", ("big.png", b"x" * (2 * 2**20))))), 413),
         ("too many files", me, "/api/jobs", dict(form=inspect(*[("images", good)] * 5)), 413),
+        ("more files than the form parser takes", me, "/api/jobs",
+         dict(form=inspect(*[("images", good)] * 17)), 413),
         ("name over 255 bytes", me, "/api/jobs",
          dict(form=inspect(("images", ("a" * 300 + ".png", good.read_bytes())))), 400),
         ("NUL in a name", me, "/api/jobs",

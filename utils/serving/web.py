@@ -45,6 +45,7 @@ from utils.errors import InputError, UsageError
 from utils.data.images import IMAGE_EXTENSIONS
 from utils.inference.outputs import scores_csv
 from utils.paths import ROOT
+from utils.serving.connections import log_loop_errors
 from utils.serving.schemas import (Cancelled, Error, Finite, Info, JobCreated, JobForm,
                                    JobStatus, MapData, PredictAnswer, PredictForm, ProfileDeleted,
                                    ProfileForm, ProfileSummary, ScoringForm)
@@ -506,9 +507,11 @@ def _with_token(schema: dict) -> dict:
 
 
 def create_app(service: Service, access: Access = Access()) -> FastAPI:
-    """The ASGI app: ``Guard`` in front of the routes; stopping it closes the service."""
+    """The ASGI app: ``Guard`` in front of the routes; the event loop's errors logged in one
+    line; stopping it closes the service."""
     @asynccontextmanager
     async def lifespan(app):
+        asyncio.get_running_loop().set_exception_handler(log_loop_errors)
         yield
         service.close()
 
