@@ -30,8 +30,8 @@ from pathlib import Path
 import uvicorn
 
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
-                       add_scoring_flags, at_least, check_output_folder, fail, positive,
-                       predictor_of, strategy_options)
+                       add_scoring_flags, add_tile_flags, at_least, check_output_folder, fail,
+                       positive, predictor_of, strategy_options)
 from utils.errors import UsageError
 from utils.paths import DEFAULT_CHECKPOINT
 from utils.serving.connections import ConnectionLimits, protocol_for, raise_open_file_limit
@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(num_workers=0)  # the images load in the worker thread, no processes
     add_scoring_flags(p, references="paths")  # as predict.py (an upload is a folder)
     add_onnx_flag(p)
+    add_tile_flags(p)  # the jobs' default; a job may set its own (Service.submit's tile)
     add_model_flags(p)
     add_profile_flags(p)
     return p.parse_args(argv)
@@ -190,7 +191,8 @@ def description(args: argparse.Namespace, name: str) -> str:
                if args.reference else f", {name} scoring" if name != "zero_shot" else ", zero-shot")
     source = f"ONNX {Path(args.onnx).name}" if args.onnx else \
         f"checkpoint {Path(args.checkpoint_path).name}"
-    return f"{source}{scoring}"
+    tiles = f", tiles of {args.tile} px" if args.tile else ""
+    return f"{source}{scoring}{tiles}"
 
 
 if __name__ == "__main__":

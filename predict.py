@@ -5,9 +5,9 @@
 
 Writes ``overlays/<name>.png`` (heat map over the image), ``scores.csv`` (path, image score, max
 pixel score), with ``--threshold`` ``masks/<name>.png`` (0/255, the input's size), with
-``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution). The prediction service
-itself is the library's (``utils/inference/prediction.py``, ``utils/inference/outputs.py``); this
-script wires flags to it, writes, resumes and reports.
+``--save_maps`` ``maps/<name>.npy`` (the map at the model's resolution; with ``--tile`` the
+stitched map). The prediction service itself is the library's (``utils/inference/prediction.py``,
+``utils/inference/outputs.py``); this script wires flags to it, writes, resumes and reports.
 
     python predict.py --calibrate normal/ --false_alarm_rate 0.01 [--defective bad/] \
         [--held_out more_normal/] --checkpoint_path ...
@@ -27,6 +27,12 @@ zero-shot maps (``--fusion``).
 ``--onnx model.onnx`` runs a graph that ``export.py`` wrote on ONNX Runtime instead of PyTorch
 (image size from its JSON; the model flags do not apply) and writes the same outputs.
 
+High-resolution images (docs/predict.md): ``--tile SIDE`` cuts each image into overlapping square
+tiles of SIDE pixels, runs them at the model's input size and stitches their maps into one map
+over the whole image (``utils/inference/tiling.py``); everything above works on it alike.
+
+    python predict.py line_scans/ --tile 518 --threshold 0.6 --checkpoint_path ...
+
 A stopped run continues with the same command and ``--resume``: ``<save_path>/progress/`` holds
 the rows of the images finished so far (removed once ``scores.csv`` is written).
 """
@@ -36,14 +42,17 @@ import argparse
 import math
 import shutil
 import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from utils.evaluation.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
-                       add_scoring_flags, at_least, check_output_folder, fail,
-                       predictor_of, run_flags, strategy_of)
+                       add_scoring_flags, add_tile_flags, at_least, check_output_folder, fail,
+                       predictor_of, run_flags, strategy_of, tiling_of, warn_not_inspected)
 from utils.distributed import World
 from utils.errors import OutputError, UsageError
 from utils.data.images import expand_inputs, unique_names
@@ -51,6 +60,7 @@ from utils.inference.outputs import OUTPUTS, OutputWriter
 from utils.paths import DEFAULT_CHECKPOINT
 from utils.inference.prediction import Prediction, Predictor, Skipped, check_groups
 from utils.inference.progress import Progress
+from utils.inference.tiling import MAX_MAP_SIDE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_maps", action="store_true", help="also write each map as .npy")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--num_workers", type=at_least(0), default=2)
-    p.add_argument("--max_output_side", type=at_least(16), default=4096,
-                   help="longest side of a written overlay or mask; larger images are scaled "
-                        "down to it (default %(default)s)")
+    p.add_argument("--max_output_side", type=at_least(16), default=MAX_MAP_SIDE,
+                   help="longest side of a written overlay or mask, and of a stitched map with "
+                        "--tile; larger ones are scaled down to it (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of an earlier run in --save_path (by default a "
                         "folder that holds files is refused)")
@@ -73,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"continue a stopped run in --save_path after the images its "
                         f"{PROGRESS}/ lists (same inputs and flags; zero-shot scoring)")
     add_onnx_flag(p)
+    add_tile_flags(p)
     c = p.add_argument_group(
         "threshold calibration (instead of INPUTs; utils/evaluation/calibration.py)")
     c.add_argument("--calibrate", metavar="NORMAL", default=None,
@@ -93,17 +104,52 @@ PROGRESS = "progress"  # <save_path>/progress/: run.json, and rank<r>.jsonl per 
 NOT_IN_RUN = ("save_path", "resume", "num_workers", "device", "device_id")
 
 
-def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[str]]:
+@dataclass
+class Pace:
+    """The images a run segmented: how many took how many tiles, their pixels, the seconds."""
+
+    tiles: Counter = field(default_factory=Counter)  # tiles -> images
+    pixels: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: Prediction) -> None:
+        self.tiles[result.tiles] += 1
+        self.pixels += math.prod(result.size) if result.size else 0
+
+    def merged(self, others: list["Pace"]) -> "Pace":
+        """The processes' paces as one (torchrun: they ran side by side)."""
+        return Pace(sum((o.tiles for o in others), Counter()), sum(o.pixels for o in others),
+                    max(o.seconds for o in others))
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{t} ({n} image{'s' * (n > 1)})" for t, n in sorted(self.tiles.items()))
+        mp = self.pixels / 1e6
+        rate = f"{self.seconds / mp:.3g} s per megapixel" if mp else "no pixels"
+        return f"  tiles per image: {counts}; {rate} ({mp:.3g} megapixels in {self.seconds:.1f} s)"
+
+
+def segmented(run: Predictor, paths: list[Path], desc: str, shard: World):
+    """``run``'s results for ``paths`` under a progress bar that counts tiles (process 0's)."""
+    with tqdm(total=run.tile_count(paths), desc=desc, unit="tile",
+              disable=not shard.main) as bar:
+        for result in run(paths):
+            bar.update(result.tiles)
+            yield result
+
+
+def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[str], Pace]:
     """This process's share of the inputs (all of them in a plain run); every process returns
-    the rows of all inputs in input order and the skipped paths."""
+    the rows of all inputs in input order, the skipped paths and the run's pace."""
     if not args.inputs:
         raise UsageError("give INPUT images to segment, or --calibrate NORMAL")
-    paths = expand_inputs(args.inputs)
+    paths, ignored = expand_inputs(args.inputs)
+    if shard.main:
+        warn_not_inspected(ignored)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
     strategy = strategy_of(args, None)
-    check_groups(paths, strategy)
+    check_groups(paths, strategy, tiling_of(args))
     if args.resume and strategy.patch_map:
         raise UsageError("--resume: --reference and --mutual fuse the maps folder by folder; "
                          "run them again whole")
@@ -127,12 +173,13 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
     # from the batch (as an uninterrupted run batches them) of the first unfinished image
     todo = [k for k, i in enumerate(mine) if not progress.finished(i)]
     start = todo[0] // args.batch_size * args.batch_size if todo else len(mine)
-    for result in tqdm(run([paths[i] for i in mine[start:]]), total=len(mine) - start,
-                       desc="predict", unit="image", disable=not shard.main):
+    pace, began = Pace(), time.perf_counter()
+    for result in segmented(run, [paths[i] for i in mine[start:]], "predict", shard):
         index = mine[start + result.index]
         if progress.finished(index):
             continue
         if isinstance(result, Prediction):
+            pace.add(result)
             try:
                 writer.write(names[index], result)
             except OSError as e:
@@ -145,13 +192,14 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
             warn_skipped(result)
             failed[index] = str(result.path)
             progress.record(index, skipped=failed[index])
-    gathered = shard.gather((rows, failed))
-    rows = [r for i, r in sorted(i_r for part, _ in gathered for i_r in part.items())]
-    failed = [p for i, p in sorted(i_p for _, part in gathered for i_p in part.items())]
+    pace.seconds = time.perf_counter() - began
+    gathered = shard.gather((rows, failed, pace))
+    rows = [r for i, r in sorted(i_r for part, _, _ in gathered for i_r in part.items())]
+    failed = [p for i, p in sorted(i_p for _, part, _ in gathered for i_p in part.items())]
     if shard.main:
         writer.write_scores(rows)
     progress.close()
-    return rows, failed
+    return rows, failed, pace.merged([p for _, _, p in gathered])
 
 
 def earlier_outputs(args: argparse.Namespace) -> list[Path]:
@@ -181,8 +229,7 @@ def max_pixel_scores(run: Predictor, paths: list[Path], desc: str, shard: World,
     unreadable ones are skipped with a warning."""
     mine = shard.indices(len(paths), batch_size)
     scores = {}
-    for result in tqdm(run([paths[i] for i in mine]), total=len(mine), desc=desc, unit="image",
-                       disable=not shard.main):
+    for result in segmented(run, [paths[i] for i in mine], desc, shard):
         if isinstance(result, Prediction):
             scores[mine[result.index]] = result.max_pixel_score
         else:
@@ -203,7 +250,12 @@ def calibrate_threshold(args: argparse.Namespace,
         raise UsageError(f"--false_alarm_rate: expected a number in [0, 1), got "
                          f"{args.false_alarm_rate}")
     sets = {flag: getattr(args, flag) for flag in ("calibrate", "defective", "held_out")}
-    paths = {flag: expand_inputs([spec]) for flag, spec in sets.items() if spec is not None}
+    paths = {}
+    for flag, spec in sets.items():
+        if spec is not None:
+            paths[flag], ignored = expand_inputs([spec])
+            if shard.main:
+                warn_not_inspected(ignored)
     for flag, found in paths.items():
         if not found:
             raise UsageError(f"--{flag} {sets[flag]}: no images found")
@@ -249,7 +301,7 @@ def main(argv=None) -> int:
                 if shard.main:
                     report_calibration(*calibration)
                 return 0
-            rows, failed = predict(args, shard)
+            rows, failed, pace = predict(args, shard)
     except INPUT_ERRORS as e:
         return fail(e)
     if shard.main:
@@ -257,6 +309,8 @@ def main(argv=None) -> int:
               f"{Path(args.save_path).resolve()} (scores.csv, overlays/"
               f"{', masks/' if args.threshold is not None else ''}"
               f"{', maps/' if args.save_maps else ''})")
+        if pace.tiles:
+            print(pace.summary())
         for path in failed:
             print(f"  skipped: {path}")
     return 0 if rows else 1

@@ -64,9 +64,9 @@ class Counted:
     def __getattr__(self, name):  # its runtime, strategy, batch size: the predictor's
         return getattr(self.run, name)
 
-    def __call__(self, paths):
+    def __call__(self, paths, tile=None):
         self.calls.append(len(paths))
-        return self.run(paths)
+        return self.run(paths, tile)
 
 
 @pytest.fixture(scope="module")
@@ -700,8 +700,8 @@ class Gated(Counted):
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, paths):
-        for result in super().__call__(paths):
+    def __call__(self, paths, tile=None):
+        for result in super().__call__(paths, tile):
             assert self.gate.wait(60)
             yield result
 

@@ -20,6 +20,7 @@ from utils.data.images import expand_inputs
 from utils.paths import DEFAULT_CLIP
 from utils.inference.prediction import Predictor
 from utils.inference.runtime import ModelSource, Runtime, TorchRuntime
+from utils.inference.tiling import DEFAULT_OVERLAP, MIN_SIDE, Tiling
 from utils.scoring import FUSIONS, STRATEGIES, Context, Strategy, make_strategy
 
 # What a user's flags, files, data or disk can get wrong: reported as one line, never a traceback.
@@ -85,6 +86,12 @@ def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> di
     them."""
     kept = {k: v for k, v in vars(args).items() if k not in ignored}
     return json.loads(json.dumps({**kept, **extra}))
+
+
+def warn_not_inspected(ignored: list[tuple[Path, str]]) -> None:
+    """Name once each file that a folder or glob held and that is not inspected, with why."""
+    for path, reason in ignored:
+        print(f"note: not inspected: {path}: {reason}", file=sys.stderr)
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
@@ -176,6 +183,28 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
                              args.precision)
 
 
+# -- tiled inference --------------------------------------------------------------------------
+
+def add_tile_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("high-resolution images (ours; docs/predict.md)")
+    g.add_argument("--tile", type=at_least(MIN_SIDE), default=None, metavar="SIDE",
+                   help="cut each image into overlapping square tiles of SIDE pixels, each run "
+                        "at the model's input size, and stitch their maps into one over the "
+                        "whole image (default: the whole image resized to the input size)")
+    g.add_argument("--tile_overlap", type=float, default=None, metavar="F",
+                   help=f"with --tile: the least share of a tile's side that neighbours share "
+                        f"(default {DEFAULT_OVERLAP})")
+
+
+def tiling_of(args: argparse.Namespace) -> Tiling | None:
+    """The tiling the flags ask for (None: whole images)."""
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            raise UsageError("--tile_overlap sets the overlap of tiles: give --tile SIDE too")
+        return None
+    return Tiling(args.tile, DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
+
+
 # -- scoring strategies -----------------------------------------------------------------------
 
 def add_scoring_flags(parser: argparse.ArgumentParser, references: str) -> None:
@@ -236,17 +265,21 @@ def reference_paths(args: argparse.Namespace) -> list[Path] | None:
     """The ``--reference`` images (None without the flag); fails before any model work."""
     if args.reference is None:
         return None
-    references = expand_inputs(args.reference)
+    references, ignored = expand_inputs(args.reference)
+    warn_not_inspected(ignored)
     if not references:
         raise UsageError(f"--reference: no images found in {args.reference}")
     return references
 
 
 def predictor_of(args: argparse.Namespace) -> Predictor:
-    """The runtime and scoring the flags name as one ``Predictor`` of image paths: what
-    predict.py, its ``--calibrate`` and the inspection page run."""
-    strategy_of(args, None)  # bad scoring flags fail before the model is built
+    """The runtime, scoring and tiling the flags name as one ``Predictor`` of image paths: what
+    predict.py, its ``--calibrate`` and the inspection page run; stitched maps at most
+    ``--max_output_side`` a side."""
+    strategy_of(args, None)  # bad scoring and tiling flags fail before the model is built
+    tiling = tiling_of(args)
     references = reference_paths(args)
     runtime = runtime_of(args)
     context = Context(runtime, runtime.image_size, references, args.batch_size)
-    return Predictor(runtime, strategy_of(args, context), args.batch_size, args.num_workers)
+    return Predictor(runtime, strategy_of(args, context), args.batch_size, args.num_workers,
+                     tiling, args.max_output_side)

@@ -29,7 +29,8 @@ def capped_size(size: tuple[int, int], side: float) -> tuple[int, int]:
 
 
 def full_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A map [S,S] resized bilinearly to an image's (width, height) -> [H, W] float32."""
+    """A map [h, w] (S x S, or stitched from tiles) resized bilinearly to an image's (width,
+    height) -> [H, W] float32."""
     return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR))
 
 
@@ -58,8 +59,9 @@ OUTPUTS = ("overlays", "masks", "maps", "scores.csv", "progress")  # what predic
 class OutputWriter:
     """Writes ``overlays/<name>.png`` (at the input's size, scaled down to ``max_side`` a side
     where it is larger), with a threshold ``masks/<name>.png`` (0/255, the overlay's size), with
-    ``save_maps`` ``maps/<name>.npy`` (the model's resolution), and ``scores.csv``; every file
-    atomically."""
+    ``save_maps`` ``maps/<name>.npy`` (the prediction's map: the model's resolution, or the
+    stitched map of a tiled run), and ``scores.csv``; every file atomically. The image is read
+    as a viewer shows it (EXIF orientation), as the prediction read it."""
 
     def __init__(self, out: Path, threshold: float | None = None, save_maps: bool = False,
                  max_side: float = math.inf):

@@ -11,8 +11,10 @@ Adding one is one module in this package (imported here by itself) with a ``@reg
 subclass of ``Strategy``: a ``name``, an ``Options`` dataclass (each field one setting; the front
 ends offer it as the flag ``--<field>``, with the field's ``help`` metadata; a tuple default
 takes one or more values) and ``group``, which returns a ``GroupScorer`` (docs/scoring.md,
-"Adding a strategy"). The pure tensor arithmetic belongs in ``model/`` (``model/patch_scoring.py``,
-``model/musc.py``, ``model/coreset.py``).
+"Adding a strategy"). With tiled inference (``utils/inference/tiling.py``) the group's images
+are its images' tiles; a strategy that reads images of its own (references) cuts them by the
+``tiling`` it is given. The pure tensor arithmetic belongs in ``model/``
+(``model/patch_scoring.py``, ``model/musc.py``, ``model/coreset.py``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from utils.errors import UsageError
 from utils.inference.runtime import Runtime, RuntimeOutput
+from utils.inference.tiling import Tiling
 from utils.scoring.fusion import FUSIONS, fuse_maps
 
 __all__ = ["GroupScorer", "Context", "Strategy", "STRATEGIES", "register", "make_strategy",
@@ -97,11 +100,12 @@ class Strategy:
         """Raise ``UsageError`` naming the groups of ``sizes`` (name -> its images; ``kind``: what
         a group is, a folder or a product) too small for this scoring, before any model work."""
 
-    def prepare(self) -> None:
+    def prepare(self, tiling: Tiling | None = None) -> None:
         """Work that can fail on the user's inputs, done before any image is read (reading the
-        references that every group shares, say)."""
+        references that every group shares, cut by ``tiling``, say)."""
 
-    def group(self, name: str) -> GroupScorer:
+    def group(self, name: str, tiling: Tiling | None = None) -> GroupScorer:
+        """The scorer of the group ``name``, whose images are cut by ``tiling`` (None: whole)."""
         raise NotImplementedError
 
     @property
@@ -169,7 +173,7 @@ class ZeroShot(Strategy):
     name = "zero_shot"
     patch_map = False
 
-    def group(self, name: str) -> GroupScorer:
+    def group(self, name: str, tiling: Tiling | None = None) -> GroupScorer:
         return _NoPatchMap()
 
     def describe(self) -> dict:

@@ -92,5 +92,5 @@ class Mutual(Strategy):
                              f"distances to the N - 1 other images); fewer in "
                              f"{', '.join(small)}", option="mutual_fraction")
 
-    def group(self, name: str) -> GroupScorer:
-        return _MutualMaps(self.options, self.context.image_size)
+    def group(self, name: str, tiling=None) -> GroupScorer:
+        return _MutualMaps(self.options, self.context.image_size)  # tiles are images here

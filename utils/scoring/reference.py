@@ -1,7 +1,9 @@
 """Few-shot scoring: every patch against a memory of normal reference images' patches
 (``model/patch_scoring.py:reference_score``), optionally subsampled to a greedy coreset
 (``model/coreset.py``) so that many references keep a small memory. A group's memory is built
-from its references when the group starts, and only the current group's is kept."""
+from its references when the group starts, and only the current group's is kept. With tiled
+inference the references are cut into tiles as the images are, and the memory holds the patches
+of all their tiles."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,10 +14,10 @@ import torch
 
 from model.coreset import coreset_size
 from model.patch_scoring import reference_memory, reference_score, score_map
-from utils.data.dataset import image_transform
+from utils.data.images import tile_batches
 from utils.errors import UsageError
-from utils.data.images import read_rgb
 from utils.inference.runtime import Runtime, RuntimeOutput
+from utils.inference.tiling import Tiling, plan
 from utils.scoring import GroupScorer, Strategy, register
 
 __all__ = ["Reference", "memory_of", "memory_bytes"]
@@ -30,21 +32,21 @@ class ReferenceOptions:
 
 
 def memory_of(paths: list[Path], runtime: Runtime, image_size: int, batch_size: int = 8,
-              coreset: float = 1.0) -> list[torch.Tensor]:
-    """The few-shot memory of normal reference images: per tapped layer, their normalized patch
-    tokens [K*L, W] on the model's device, or the greedy coreset of ``coreset`` of them
-    [m, W]. An unreadable reference is an error (it would silently weaken the memory).
+              coreset: float = 1.0, tiling: Tiling | None = None) -> list[torch.Tensor]:
+    """The few-shot memory of normal reference images (their tiles, cut by ``tiling``): per
+    tapped layer, their normalized patch tokens [K*L, W] (K images or tiles) on the model's
+    device, or the greedy coreset of ``coreset`` of them [m, W]. An unreadable reference is an
+    error (it would silently weaken the memory).
 
     Built one layer at a time: besides the references' tokens, one layer's whole memory is
     alive while it is subsampled (``model/patch_scoring.py:reference_memory``)."""
-    transform, images = image_transform(image_size), []
-    for path in paths:
-        try:
-            images.append(transform(read_rgb(path)))  # [3, S, S]
-        except Exception as e:
-            raise UsageError(f"reference image {path}: cannot read it ({type(e).__name__}: {e})")
-    batches = [runtime(torch.stack(images[start:start + batch_size])).features.patch_tokens
-               for start in range(0, len(images), batch_size)]  # per batch, per layer [b, L, W]
+    boxes = [plan(path, tiling, image_size).boxes for path in paths]
+    batches = []  # per batch, per layer [b, L, W]
+    for _, images, bad in tile_batches(paths, boxes, image_size, batch_size):
+        if bad:
+            (k, _), reason = bad[0]
+            raise UsageError(f"reference image {paths[k]}: {reason}")
+        batches.append(runtime(images).features.patch_tokens)
     layers = [list(layer) for layer in zip(*batches)]  # per layer, per batch [b, L, W]
     del batches
 
@@ -91,39 +93,41 @@ class Reference(Strategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._paths, self._memory = None, None  # the current memory and its references
+        self._made_of, self._memory = None, None  # the current memory, (its references, tiling)
 
     def check(self) -> None:
         if not 0 < self.options.coreset <= 1:
             raise UsageError(f"must be in (0, 1], got {self.options.coreset}", option="coreset")
 
-    def prepare(self) -> None:
+    def prepare(self, tiling: Tiling | None = None) -> None:
         c = self.context
         if isinstance(c.references, list):
-            if c.memory is not None:
-                self._paths, self._memory = c.references, c.memory
-            self._memory_for(c.references)
+            if c.memory is not None and tiling is None:  # a kept memory is of whole images
+                self._made_of, self._memory = (c.references, None), c.memory
+            self._memory_for(c.references, tiling)
 
     @property
     def memory(self) -> list[torch.Tensor] | None:
-        return self._memory if isinstance(self.context.references, list) else None
+        """The shared references' memory where it is of whole images (what a profile keeps)."""
+        whole = self._made_of is not None and self._made_of[1] is None
+        return self._memory if isinstance(self.context.references, list) and whole else None
 
     def memory_bytes(self, references: int) -> int:
         """float32 tokens of ``references`` images, each layer's coreset of them kept."""
         return memory_bytes(self.context.runtime, references, self.options.coreset)
 
-    def group(self, name: str) -> GroupScorer:
+    def group(self, name: str, tiling: Tiling | None = None) -> GroupScorer:
         refs = self.context.references
-        memory = self._memory_for(refs if isinstance(refs, list) else refs(name))
+        memory = self._memory_for(refs if isinstance(refs, list) else refs(name), tiling)
         return _ReferenceMaps(memory, self.context.image_size)
 
-    def _memory_for(self, paths: list[Path]) -> list[torch.Tensor]:
-        if paths != self._paths:
+    def _memory_for(self, paths: list[Path], tiling: Tiling | None) -> list[torch.Tensor]:
+        if (paths, tiling) != self._made_of:
             c = self.context
             self._memory = None  # the old memory goes before the new one is built
             self._memory = memory_of(paths, c.runtime, c.image_size, c.batch_size,
-                                     self.options.coreset)
-            self._paths = paths
+                                     self.options.coreset, tiling)
+            self._made_of = (paths, tiling)
         return self._memory
 
     def describe(self) -> dict:

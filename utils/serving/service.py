@@ -57,7 +57,7 @@ from PIL import Image
 
 from utils.evaluation.calibration import calibrate
 from utils.errors import InputError, UsageError
-from utils.data.images import IMAGE_EXTENSIONS, read_rgb, unique_names
+from utils.data.images import IMAGE_EXTENSIONS, read_rgb, shown_size, unique_names
 from utils.inference.outputs import binary_mask, capped_size, full_size, overlay
 from utils.inference.prediction import Prediction, Predictor
 from utils.evaluation.visualize import png_bytes
@@ -213,7 +213,7 @@ class Scoring:
 
 @dataclass
 class Item:
-    """One predicted image of a job; ``amap`` [S, S] float32 (inspection jobs only)."""
+    """One predicted image of a job; ``amap`` [H, W] float32 (inspection jobs only)."""
 
     index: int  # position in the job's list of images
     group: str
@@ -245,6 +245,7 @@ class Job:
     disk: int  # bytes held in folder
     memory: int  # bytes its maps will hold
     false_alarm_rate: float = 0.0
+    tile: int | None = None  # tiles of SIDE px; None: the server's setting; 0: whole images
     id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     state: str = "queued"  # queued, running, finished, cancelled
     done: int = 0
@@ -283,7 +284,7 @@ class Job:
     def _group(self, predictor: Predictor, group: str, inputs, side: int) -> bool:
         """Predict one group; False when the job was cancelled meanwhile."""
         stems = unique_names([Path(name) for _, name in inputs])
-        for result in predictor([p for p, _ in inputs]):
+        for result in predictor([p for p, _ in inputs], self.tile):
             if self.cancel.is_set():
                 return False
             path, name = inputs[result.index]
@@ -300,8 +301,7 @@ class Job:
 
     def _view(self, path: Path, index: int, side: int) -> Path:
         """The image, or a preview of it at most ``side`` a side in the job's folder."""
-        with Image.open(path) as im:
-            size = im.size
+        size = shown_size(path)
         if max(size) <= side:
             return path
         preview = self.folder / "previews" / f"{index}.png"
@@ -373,7 +373,6 @@ class Service:
         self.cond = threading.Condition()
         self.closed = False
         self.renders = threading.BoundedSemaphore(2)  # big renders at a time (memory)
-        self.map_bytes = 4 * predictor.runtime.image_size ** 2
         # every image is checked against the limit before it is decoded; PIL's own check (which
         # refuses at twice its value) must not refuse or warn below it
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, limits.pixels_per_image)
@@ -395,11 +394,12 @@ class Service:
 
     def submit(self, client: str, kind: str, inputs: dict[str, list[tuple[Path, str]]],
                folder: Path, false_alarm_rate: float = 0.0, scoring: Scoring | None = None,
-               save_as: dict | None = None) -> Job:
+               save_as: dict | None = None, tile: int | None = None) -> Job:
         """Queue a job of these inputs (checked: counts, pixels), scored by ``scoring`` (None:
         the server's; ``Service.scoring`` makes it); its ``folder`` is the job's from now on,
         removed with it, and removed at once when the job is refused. ``save_as`` is
-        ``save_profile``'s."""
+        ``save_profile``'s; ``tile`` the job's tiles of SIDE px (``Predictor.tiling_for``;
+        None: the server's setting)."""
         with removed_on_error(folder):
             references = list(scoring.references) if scoring and not scoring.profile else []
             total = sum(len(v) for v in inputs.values())
@@ -409,9 +409,11 @@ class Service:
             for path, name in itertools.chain(*inputs.values(), references):
                 check_pixels(path, name, self.limits.pixels_per_image)
             held = self._references_memory(scoring, inputs)
-            memory = (self.map_bytes * total if kind == "inspect" else 0) + held
-            job = Job(client, kind, inputs, folder, _size_of(folder), memory, false_alarm_rate,
-                      scoring=scoring, references_memory=held, save_as=save_as,
+            maps = sum(self.predictor.map_bytes(p, tile) for p, _ in
+                       itertools.chain(*inputs.values())) if kind == "inspect" else 0
+            job = Job(client, kind, inputs, folder, _size_of(folder), maps + held,
+                      false_alarm_rate, tile, scoring=scoring, references_memory=held,
+                      save_as=save_as,
                       profile=scoring.profile.summary() if scoring and scoring.profile else None)
             with self.cond:
                 self._make_room(job.memory, job.disk)
@@ -585,8 +587,8 @@ class Service:
         """The map of an image at most ``side`` a side, float32 little-endian, for the page to
         draw contours at any T without asking again."""
         item = self.job(client, job_id).item(index)
-        s = item.amap.shape[0]
-        amap = item.amap if s <= side else full_size(item.amap, (side, side))
+        h, w = item.amap.shape
+        amap = item.amap if max(h, w) <= side else full_size(item.amap, capped_size((w, h), side))
         return {"width": amap.shape[1], "height": amap.shape[0],
                 "data": np.ascontiguousarray(amap, dtype="<f4").tobytes()}
 
@@ -631,7 +633,8 @@ class Service:
         if profile is not None and scoring.references:
             cached = self.profiles.memory(profile, self.model_key, runtime.device)
         predictor = Predictor(runtime, scoring.strategy(runtime, default.batch_size, cached),
-                              default.batch_size, default.num_workers)
+                              default.batch_size, default.num_workers, default.tiling,
+                              default.max_map_side)
         if profile is not None and cached is None and predictor.strategy.memory is not None:
             self.profiles.keep_memory(profile, self.model_key, predictor.strategy.memory)
         return predictor
@@ -769,8 +772,7 @@ def _size_of(folder: Path) -> int:
 
 def draw(item: Item, what: str, threshold: float | None, side: float) -> np.ndarray:
     """The image, its overlay or its mask at the view's size capped to ``side``."""
-    with Image.open(item.view) as im:
-        size = capped_size(im.size, side)
+    size = capped_size(shown_size(item.view), side)
     if what == "mask":
         return binary_mask(full_size(item.amap, size), threshold)
     image = read_rgb(item.view)
