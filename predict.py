@@ -116,10 +116,11 @@ class Pace:
         self.tiles[result.tiles] += 1
         self.pixels += math.prod(result.size) if result.size else 0
 
-    def merged(self, others: list["Pace"]) -> "Pace":
+    @staticmethod
+    def merged(paces: list["Pace"]) -> "Pace":
         """The processes' paces as one (torchrun: they ran side by side)."""
-        return Pace(sum((o.tiles for o in others), Counter()), sum(o.pixels for o in others),
-                    max(o.seconds for o in others))
+        return Pace(sum((p.tiles for p in paces), Counter()), sum(p.pixels for p in paces),
+                    max(p.seconds for p in paces))
 
     def summary(self) -> str:
         counts = ", ".join(f"{t} ({n} image{'s' * (n > 1)})" for t, n in sorted(self.tiles.items()))
@@ -199,7 +200,7 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
     if shard.main:
         writer.write_scores(rows)
     progress.close()
-    return rows, failed, pace.merged([p for _, _, p in gathered])
+    return rows, failed, Pace.merged([p for _, _, p in gathered])
 
 
 def earlier_outputs(args: argparse.Namespace) -> list[Path]:

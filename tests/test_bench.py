@@ -15,6 +15,8 @@ SMOKES = {
     "metrics.py": ["--n", "4", "--size", "64"],
     "forward.py": ["--config", "configs/tiny.json", "--image_size", "56", "--batch_size", "2",
                    "--iters", "1", "--warmup", "0", "--features_list", "1", "2", "3", "4"],
+    "tiling.py": ["--config", "configs/tiny.json", "--image_size", "56", "--scale", "0.1",
+                  "--products", "grass", "--anomalous", "1", "--normal", "0", "--references", "1"],
     "patch_scoring.py": ["--config", "configs/tiny.json", "--image_size", "56", "--images", "5",
                          "--memory_images", "5", "--memory_patches", "16",
                          "--coreset_references", "2"],

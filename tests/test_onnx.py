@@ -193,6 +193,26 @@ def test_the_page_takes_an_exported_model_too(exported, photos):
     assert all(r.amap.shape == (56, 56) for r in results)
 
 
+def test_tiled_maps_of_onnx_runtime_equal_pytorch_maps(exported, photos, tiny_archive,
+                                                     tiny_checkpoint):
+    """Tiling wraps the runtime seam: the stitched maps of the exported graph are PyTorch's."""
+    import torch
+    from utils.inference.onnx_runtime import OnnxRuntime
+    from utils.inference.prediction import Predictor
+    from utils.inference.runtime import ModelSource, TorchRuntime
+    from utils.inference.tiling import Tiling
+    paths = sorted(photos.glob("p[0-2].png"))  # 60x40, 56x56, 47x33
+    runtimes = [OnnxRuntime(exported[56, "fp32"], "cpu", 0),
+                TorchRuntime.load(ModelSource(str(tiny_checkpoint), str(tiny_archive)),
+                                  torch.device("cpu"))]
+    onnx, torch_ = ([r for r in Predictor(rt, batch_size=3, tiling=Tiling(24, 0.3))(paths)]
+                    for rt in runtimes)
+    assert [r.tiles for r in onnx] == [r.tiles for r in torch_] and onnx[0].tiles > 1
+    for a, b in zip(onnx, torch_):
+        assert a.amap.shape == b.amap.shape != (56, 56)
+        assert np.abs(a.amap - b.amap).max() < 1e-4 and abs(a.image_score - b.image_score) < 1e-4
+
+
 @pytest.mark.parametrize("device,device_id,available,expected", [
     (None, 3, ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
     (None, 3, ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -16,7 +16,7 @@ from utils.data.dataset import image_transform
 from utils.errors import UsageError
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "shown_size", "read_rgb", "unique_names",
-           "folder_groups", "tile_batches"]
+           "folder_groups", "Box", "tile_batches"]
 
 # Image files that the project reads, compared case-insensitively (VisA uses .JPG): dataset
 # conversion, predict.py and the page pick up the same files.
@@ -109,7 +109,8 @@ def folder_groups(paths: list[Path]) -> list[list[int]]:
     return list(groups.values())
 
 
-Box = tuple[int, int, int, int]  # (left, top, right, bottom) pixels of the image as shown
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) pixels of the image as shown,
+# right and bottom excluded
 
 
 class _Tiles(Dataset):

@@ -145,16 +145,13 @@ class Predictor:
         overlap = self.tiling.overlap if self.tiling else DEFAULT_OVERLAP
         return Tiling(tile, overlap) if tile else None
 
-    def plan(self, path: Path, tile: int | None = None) -> Layout:
-        return plan(path, self.tiling_for(tile), self.runtime.image_size, self.max_map_side)
-
     def tile_count(self, paths: list[Path], tile: int | None = None) -> int:
         """The tiles the images ``paths`` take (their number, untiled)."""
         return sum(tiles_of(p, self.tiling_for(tile)) for p in paths)
 
     def map_bytes(self, path: Path, tile: int | None = None) -> int:
         """The bytes of the image's map (float32), read off its header."""
-        h, w = self.plan(path, tile).shape
+        h, w = plan(path, self.tiling_for(tile), self.runtime.image_size, self.max_map_side).shape
         return 4 * h * w
 
     def __call__(self, paths: list[Path], tile: int | None = None

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.images import shown_size
+from utils.data.images import Box, shown_size
 from utils.errors import UsageError
 
 __all__ = ["MAX_MAP_SIDE", "DEFAULT_OVERLAP", "MIN_SIDE", "Tiling", "Box", "starts", "grid",
@@ -45,8 +45,6 @@ __all__ = ["MAX_MAP_SIDE", "DEFAULT_OVERLAP", "MIN_SIDE", "Tiling", "Box", "star
 MAX_MAP_SIDE = 4096  # px: the longest side of a stitched map (predict.py's --max_output_side)
 DEFAULT_OVERLAP = 0.25  # of a tile's side: neighbours share at least a quarter of a tile
 MIN_SIDE = 16  # px: a smaller tile is a few pixels blown up to the model's input size
-
-Box = tuple[int, int, int, int]  # (left, top, right, bottom) in image pixels, right/bottom excluded
 
 
 @dataclass(frozen=True)
