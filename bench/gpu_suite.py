@@ -1,8 +1,8 @@
 """The GPU measurements docs/performance.md still owes, in one run: (a) the tests marked ``gpu``,
 (b) ``test.py`` end to end at dataset scale against its forward pass alone and the reference's
-way, (c) the test forward compiled against eager. Each step runs as its own process, writes its
-whole output to ``<log_dir>/<step>.log``, and the run ends with a summary of every step (also in
-``<log_dir>/summary.txt``).
+way, (c) the test forward compiled against eager, (d) tiled inference's throughput. Each step
+runs as its own process, writes its whole output to ``<log_dir>/<step>.log``, and the run ends with
+a summary of every step (also in ``<log_dir>/summary.txt``).
 
     python bench/gpu_suite.py --log_dir results/gpu_suite     # one GPU: ViT-L/14@336 at 518 px
     python bench/gpu_suite.py --device cpu --tiny             # the same steps in seconds
@@ -12,7 +12,7 @@ the budget, and time a step leaves unused goes to the steps after it; a step sti
 deadline is stopped (its log keeps what it printed) and the summary says so. The exit status is 0
 when every step finished with status 0 and printed the lines the summary reads. The shares are
 estimates from the CPU runs and the earlier H100 numbers of docs/performance.md, not yet checked
-on a GPU: (a) 45 s, (b) 285 s, (c) 150 s.
+on a GPU: (a) 45 s, (b) 285 s, (c) 150 s, (d) 60 s.
 """
 from __future__ import annotations
 
@@ -104,11 +104,26 @@ def forward(args) -> Step:
                                    r"compiled \(", "compile criterion", "speedup:"))
 
 
+def tiling(args, work: Path) -> Step:
+    """(d) bench/tiling.py --throughput: predict.py's service on 8 generated 4000x3000 images
+    with tiles of 518 and 1036 px, ViT-L/14@336 at 518 px (random weights), batch 32, 4 loader
+    workers: tiles/s and megapixels/s, reading the images and stitching included. About 20 s to
+    build the model and write the images, then 640 + 160 tiles at ~300 tiles/s (the forward
+    rate of docs/performance.md) if the loader and the stitching keep up."""
+    sizes = (["--config", "configs/tiny.json", "--image_size", "56", "--throughput", "400x300",
+              "--sides", "56", "112", "--images", "2", "--batch_size", "8"]
+             if args.tiny else ["--config", "configs/ViT-L-14-336.json", "--image_size", "518",
+                                "--throughput", "4000x3000", "--sides", "518", "1036",
+                                "--images", "8", "--batch_size", "32", "--num_workers", "4"])
+    return Step("tiling", "tiled inference: tiles/s and megapixels/s",
+                [PYTHON, "bench/tiling.py", "--device", args.device, "--work_dir",
+                 str(work / "tiling"), *sizes],
+                share_s=60, keep=(r"SIDE \d+:", "peak memory"))
+
+
 def steps(args, work: Path) -> list[Step]:
     """The steps in order, their shares scaled to the budget; ``work`` holds their data."""
-    chosen = [gpu_tests(args), pipeline(args, work), forward(args)]
-    # (d) tiling throughput goes here once tiled inference lands: tiles/s and megapixels/s for
-    # a 4000x3000 image at SIDE 518 and 1036 (not measured yet; no step stands in for it).
+    chosen = [gpu_tests(args), pipeline(args, work), forward(args), tiling(args, work)]
     total = sum(s.share_s for s in chosen)
     for s in chosen:
         s.share_s *= args.budget_s / total

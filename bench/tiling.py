@@ -3,6 +3,8 @@
 
     python bench/tiling.py               # the demo's checkpoint (`make demo` first); minutes
     python bench/tiling.py --huge 13000      # the peak memory of one 13000 x 13000 image
+    python bench/tiling.py --throughput 4000x3000 --device cuda --batch_size 32 --num_workers 4
+                               # tiles/s of ViT-L/14@336 at 518 px (random weights) on a GPU
     python bench/tiling.py --config configs/tiny.json --image_size 56 --scale 0.1 \\
         --products grass --anomalous 1 --normal 0 --references 1   # a smoke run (random weights)
 
@@ -22,6 +24,11 @@ untiled map resized bilinearly to the image, as ``predict.py`` sizes its mask); 
 time per megapixel and peak RSS (and its growth over the loaded model). The last line is the
 hand-cut files' time over the tiled run's: ``speedup: N.Nx`` (tiling must cost no more than
 cutting by hand).
+
+``--throughput WxH`` instead measures tiled inference's speed: ``--images`` generated images of
+W x H through ``predict.py``'s service with tiles of each of ``--sides`` px, a random model of
+``--config`` (default ViT-L/14@336 at 518 px) on ``--device``: tiles/s and megapixels/s, the
+reading of the images and the stitching included (``bench/gpu_suite.py``'s step ``tiling``).
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import evenly_spaced_layers  # noqa: E402
+from bench.common import build, evenly_spaced_layers, peak_memory  # noqa: E402
 from dataset.synthetic import load_source, soft_weight  # noqa: E402
 from model import CLIPConfig, VCPCLIP, VCPConfig, load_clip, save_checkpoint  # noqa: E402
 from tests.helpers.random_clip import write_openai_archive  # noqa: E402
@@ -49,6 +56,7 @@ from utils.evaluation.metrics import aupro_official, binary_curve, roc_auc  # no
 from utils.inference.outputs import OutputWriter, full_size  # noqa: E402
 from utils.inference.prediction import Prediction, Predictor  # noqa: E402
 from utils.inference.runtime import ModelSource, TorchRuntime, read_model  # noqa: E402
+from utils.device import select_device  # noqa: E402
 from utils.inference.tiling import DEFAULT_OVERLAP, Tiling, grid  # noqa: E402
 from utils.scoring import Context, make_strategy  # noqa: E402
 
@@ -65,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained_path", default=str(ROOT / "demo_output/clip_demo.pt"))
     p.add_argument("--config", default=None,
                    help="instead of the checkpoint: random weights of this backbone config")
-    p.add_argument("--image_size", type=int, default=128, help="with --config")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="with --config (default 128; 518 with --throughput)")
     p.add_argument("--products", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--scale", type=float, default=1.0, help="of the products' image sizes")
     p.add_argument("--anomalous", type=int, default=3, help="test images with defects, per product")
@@ -82,9 +91,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "time counts; default %(default)s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="PyTorch's CPU threads (default: its own default, %(default)s here)")
+    p.add_argument("--throughput", default=None, metavar="WxH",
+                   help="instead: tiles/s of --images images of W x H at each of --sides")
+    p.add_argument("--sides", type=int, nargs="+", default=[518, 1036])
+    p.add_argument("--images", type=int, default=8, help="with --throughput")
+    p.add_argument("--device", default="cpu", help="with --throughput (cpu, cuda, ...)")
+    p.add_argument("--batch_size", type=int, default=BATCH, help="with --throughput")
+    p.add_argument("--num_workers", type=int, default=0, help="with --throughput")
     p.add_argument("--work_dir", default=None, help="default: a temporary folder")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.throughput:
+        args.config = args.config or str(ROOT / "configs/ViT-L-14-336.json")
+    args.image_size = args.image_size or (518 if args.throughput else 128)
+    return args
 
 
 # -- the set ------------------------------------------------------------------------------------
@@ -347,12 +367,39 @@ def main_huge(args, work: Path, model: tuple[str, str], threads: int) -> None:
               f"model; the decoded image alone is {gib(3 * args.huge ** 2)})")
 
 
+def main_throughput(args, work: Path) -> None:
+    device = select_device(args.device)
+    w, h = (int(n) for n in args.throughput.split("x"))
+    rng = np.random.default_rng(args.seed)
+    paths = [work / f"image_{k}.png" for k in range(args.images)]
+    for path in paths:
+        Image.fromarray(mosaic("grass", (w, h), rng)).save(path, compress_level=1)
+    args.features_list = None  # bench.common.build: evenly spaced tapped layers
+    runtime = TorchRuntime(build(args, device), device)
+    print(f"{device}, {Path(args.config).stem} at {args.image_size} px (random weights), batch "
+          f"{args.batch_size}, {args.num_workers} loader workers; {args.images} images of "
+          f"{w}x{h}", flush=True)
+    list(Predictor(runtime, None, args.batch_size, 0, Tiling(args.sides[0]))(paths[:1]))  # warm
+    for side in args.sides:
+        predictor = Predictor(runtime, None, args.batch_size, args.num_workers, Tiling(side))
+        began, tiles = time.perf_counter(), 0
+        for result in predictor(paths):  # each map is on the CPU: the device is done with it
+            tiles += result.tiles
+        seconds = time.perf_counter() - began
+        print(f"SIDE {side}: {tiles} tiles in {seconds:.2f} s: {tiles / seconds:.1f} tiles/s, "
+              f"{args.images * w * h / 1e6 / seconds:.2f} megapixels/s", flush=True)
+    print(f"peak memory {peak_memory(device)}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.throughput:
+            main_throughput(args, work)
+            return 0
         if args.config:
             model = random_model(work, args.config, args.image_size)
         else:

@@ -66,7 +66,7 @@ def test_gpu_suite_tiny(tmp_path):
     run = run_gpu_suite(tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
-    for step in ("gpu_tests", "pipeline", "forward"):
+    for step in ("gpu_tests", "pipeline", "forward", "tiling"):
         assert re.search(rf"^{step}: ok in \d+\.\d s", out, flags=re.M), out
         assert (tmp_path / f"{step}.log").read_text().startswith("$ ")
     for step in ("pipeline", "forward"):
@@ -82,6 +82,9 @@ def test_gpu_suite_tiny(tmp_path):
                          r"max \|diff\| raw (\S+), new (\S+)$", out, flags=re.M)
     assert compiled and float(compiled[1]) > 0 and int(compiled[3]) >= 1
     assert max(float(compiled[5]), float(compiled[6])) <= 1e-5  # aot_eager: eager's kernels
+    for side in (56, 112):
+        assert re.search(rf"^  SIDE {side}: \d+ tiles in \d+\.\d\d s: \d+\.\d tiles/s, "
+                         r"\d+\.\d\d megapixels/s$", out, flags=re.M), out
     assert re.search(r"^  compile criterion \(> 1\.10x eager, maps within 1e-03\): (met|not met)",
                      out, flags=re.M)
     assert re.fullmatch(r"total: \d+\.\d s of a 300 s budget; every step ok",
@@ -93,6 +96,6 @@ def test_gpu_suite_stops_a_step_at_its_deadline(tmp_path):
     """Out of budget: every step is stopped, said so, and the run fails."""
     run = run_gpu_suite(tmp_path, "--budget_s", "0.5")
     assert run.returncode == 1
-    for step in ("gpu_tests", "pipeline", "forward"):
+    for step in ("gpu_tests", "pipeline", "forward", "tiling"):
         assert re.search(rf"^{step}: stopped at its deadline in \d+\.\d s", run.stdout, flags=re.M)
-    assert run.stdout.strip().endswith("failed: gpu_tests, pipeline, forward")
+    assert run.stdout.strip().endswith("failed: gpu_tests, pipeline, forward, tiling")
