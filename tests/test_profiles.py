@@ -35,6 +35,7 @@ from utils.cli import predictor_of
 from utils.errors import UsageError
 from utils.inference.prediction import Predictor
 from utils.inference.runtime import TorchRuntime
+from utils.inference.tiling import Tiling, tiles_of
 from utils.scoring import Context, make_strategy, reference
 from utils.serving import profiles as profiles_module
 from utils.serving.profiles import ProfileLimits, Profiles, check_name, model_key
@@ -53,12 +54,15 @@ def photo(path: Path, seed: int, size=(50, 40)) -> Path:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """good/ (4 normal references) and line/ (5 images to inspect)."""
+    """good/ (4 normal references), line/ (5 images to inspect) and wide/ (3 images larger than
+    the tiny model's 56 px input: 8 tiles of 48 px each)."""
     root = tmp_path_factory.mktemp("photos")
     for k in range(4):
         photo(root / "good" / f"g{k}.png", 10 + k)
     for k in range(5):
         photo(root / "line" / f"i{k}.png", 20 + k)
+    for k in range(3):
+        photo(root / "wide" / f"w{k}.png", 30 + k, (130, 70))
     return root
 
 
@@ -87,6 +91,22 @@ def predicted(photos, model_flags, tmp_path_factory):
     return {"reference": run("--reference", str(photos / "good")),
             "coreset": run("--reference", str(photos / "good"), "--coreset", "0.5"),
             "mutual": run("--mutual")}
+
+
+TILE = 48  # px: 8 tiles of each wide/ image, 2 of each reference
+
+
+@pytest.fixture(scope="module")
+def predicted_tiled(photos, model_flags, tmp_path_factory):
+    """``predict.py wide/ --tile 48``, zero-shot and with ``--reference good/``: name -> max
+    pixel score."""
+    def run(*flags):
+        out = tmp_path_factory.mktemp("out")
+        assert predict.main([str(photos / "wide"), "--save_path", str(out), "--tile", str(TILE),
+                             *flags, *model_flags]) == 0
+        with open(out / "scores.csv") as f:
+            return {Path(r["path"]).name: float(r["max_pixel_score"]) for r in csv.DictReader(f)}
+    return {"zero_shot": run(), "reference": run("--reference", str(photos / "good"))}
 
 
 def uploaded(service: Service, sources: dict[str, list[Path]]):
@@ -192,6 +212,41 @@ def test_the_reference_memory_counts_against_the_memory_limit(photos, predictor,
         job = finished(service.submit("a", "inspect", {"images": inputs["images"]}, folder,
                                       scoring=service.scoring(inputs["references"])))
         assert job.memory == maps  # the memory is dropped once the job has run
+    finally:
+        service.close()
+
+
+def test_a_tiled_profile_counts_its_reference_tiles_and_caches_its_tiled_memory(
+        photos, predictor, predicted_tiled, tmp_path, monkeypatch):
+    references = sorted((photos / "good").iterdir())
+    runtime, tiling = predictor.runtime, Tiling(TILE)
+    tiles = sum(tiles_of(p, tiling) for p in references)
+    assert tiles == 2 * len(references)
+    built = reference.memory_of(references, runtime, runtime.image_size, tiling=tiling)
+    assert sum(t.numel() * t.element_size() for t in built) == reference.memory_bytes(
+        runtime, tiles)
+
+    store = tmp_path / "profiles"
+    service = Service(predictor, profiles=Profiles(store))
+    try:
+        job = save(service, "tiled", references, tile=TILE)
+        assert job.references_memory == reference.memory_bytes(runtime, tiles)
+        assert finished(job).profile["tile"] == TILE
+        assert [p.name for p in (store / "tiled").glob("memory-*")] == [
+            f"memory-{service.model_key}-tile{TILE}-overlap0.25.safetensors"]
+    finally:
+        service.close()
+
+    # a restart: the tiled memory is read from the cache, and the profile's jobs are tiled
+    monkeypatch.setattr(reference, "memory_of", lambda *a, **k: 1 / 0)
+    service = Service(predictor, profiles=Profiles(store))
+    try:
+        folder, inputs = uploaded(service, {"images": sorted((photos / "wide").iterdir())})
+        job = finished(service.submit("a", "inspect", inputs, folder,
+                                      scoring=service.scoring(profile="tiled")))
+        assert job.status()["tile"] == TILE
+        assert {i.name: i.max_pixel_score for i in job.items} == pytest.approx(
+            predicted_tiled["reference"], abs=1e-4)
     finally:
         service.close()
 
@@ -506,6 +561,30 @@ def test_a_profile_over_the_api_scores_as_predict_reference(line, photos, predic
     assert job["profile"] == made and job["scoring"]["profile"] == "bracket-7"
 
 
+def test_a_tile_per_job_and_per_profile_scores_as_predict_tile(line, photos, predicted_tiled):
+    client, wide = line.client, files("images", photos / "wide")
+    body, scores = answered(client, "/api/v1/predict", [*wide, ("tile", str(TILE))])
+    assert scores == pytest.approx(predicted_tiled["zero_shot"], abs=1e-4)
+    assert body["tile"] == TILE
+    body, untiled = answered(client, "/api/v1/predict", [*wide, ("tile", "0")])
+    assert "tile" not in body and untiled != pytest.approx(scores, abs=1e-4)
+
+    status, made = client.json("/api/v1/profiles/tiled", method="PUT",
+                               form=[*files("references", photos / "good"), ("tile", str(TILE))])
+    assert status == 200 and made["tile"] == TILE, made
+    assert made in client.json("/api/v1/profiles")[1]
+    body, scores = answered(client, "/api/v1/predict?profile=tiled", wide)
+    assert scores == pytest.approx(predicted_tiled["reference"], abs=1e-4)
+    assert body["tile"] == TILE and body["profile"] == "tiled"
+    # the page's job: the profile's tile, or the job's own first
+    job = client.run_job([("kind", "inspect"), ("images_folder", "wide"), ("profile", "tiled")])
+    assert job["tile"] == TILE and {r["name"]: r["max_pixel_score"] for r in job["results"]} \
+        == {f"wide/{n}": s for n, s in scores.items()}
+    job = client.run_job([("kind", "inspect"), *wide, ("profile", "tiled"), ("tile", "64")])
+    assert job["tile"] == 64
+    assert client.request("/api/v1/profiles/tiled", method="DELETE")[0] == 200
+
+
 def big_photos(folder: Path, count: int, side: int = 1200) -> list[Path]:
     return [photo(folder / f"big{k}.png", 100 + k, (side, side)) for k in range(count)]
 
@@ -605,8 +684,16 @@ def test_hostile_profile_requests_are_refused_cleanly(line, photos, tmp_path):
          "coreset: Input should be less than or equal to 1"),
         ("an unknown scoring", predict(("scoring", "best")), 422, "scoring: Input should be"),
         ("an unknown fusion", predict(("fusion", "max")), 422, "fusion: Input should be"),
-        ("a field the server does not take", predict(("tile", "512")), 422,
-         "tile: Extra inputs are not permitted"),
+        ("a field the server does not take", predict(("tile_overlap", "0.5")), 422,
+         "tile_overlap: Extra inputs are not permitted"),
+        ("a tile below 16 px", predict(("tile", "8")), 422,
+         "tile: Value error, expected 0 (the server's default) or a tile side of at least 16"),
+        ("a tile that is no number", predict(("tile", "abc")), 422,
+         "tile: Input should be a valid integer"),
+        ("a page's job with a negative tile", dict(path="/api/jobs", form=[
+            ("kind", "inspect"), *images[:1], ("tile", "-5")]), 422, "tile: Value error"),
+        ("a profile's tile below 16 px", put("fill-0", [*good[:1], ("tile", "15")]), 422,
+         "tile: Value error"),
         ("a profile's threshold nan", put("fill-0", [("threshold", "nan")]), 422,
          "threshold: Input should be a finite number"),
     ]

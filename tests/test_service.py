@@ -37,6 +37,9 @@ class Gated:
         self.gate, self.seen = threading.Event(), []
         self.gate.set()
 
+    def tiling_for(self, tile):  # whole images
+        return None
+
     def map_bytes(self, path, tile=None):  # its maps: 8 x 8 float32
         return 4 * 8 * 8
 

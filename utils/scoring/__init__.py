@@ -62,8 +62,8 @@ class Context:
     # the normal reference images: the same for every group, or a group's (a function of its name)
     references: list[Path] | Callable[[str], list[Path]] | None = None
     batch_size: int = 8
-    # what ``Strategy.memory`` gave for these ``references`` (a list) earlier, in another process
-    # maybe (a product profile's cache): used as it is, not built again
+    # what ``Strategy.memory`` gave for these ``references`` (a list) cut by the tiling given to
+    # ``prepare``, earlier, in another process maybe (a product profile's cache): used as it is
     memory: list | None = None
 
 
@@ -115,7 +115,8 @@ class Strategy:
         return None
 
     def memory_bytes(self, references: int) -> int:
-        """Bytes that ``prepare`` keeps for that many references (at most)."""
+        """Bytes that ``prepare`` keeps for that many references (at most); tiled, count the
+        references' tiles (``tiling.tiles_of``)."""
         return 0
 
     def describe(self) -> dict:

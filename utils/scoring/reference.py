@@ -94,6 +94,7 @@ class Reference(Strategy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._made_of, self._memory = None, None  # the current memory, (its references, tiling)
+        self._tiling = None  # the shared references' tiling (``prepare``'s)
 
     def check(self) -> None:
         if not 0 < self.options.coreset <= 1:
@@ -101,19 +102,22 @@ class Reference(Strategy):
 
     def prepare(self, tiling: Tiling | None = None) -> None:
         c = self.context
+        self._tiling = tiling
         if isinstance(c.references, list):
-            if c.memory is not None and tiling is None:  # a kept memory is of whole images
-                self._made_of, self._memory = (c.references, None), c.memory
+            if c.memory is not None:  # kept for these references cut by this tiling
+                self._made_of, self._memory = (c.references, tiling), c.memory
             self._memory_for(c.references, tiling)
 
     @property
     def memory(self) -> list[torch.Tensor] | None:
-        """The shared references' memory where it is of whole images (what a profile keeps)."""
-        whole = self._made_of is not None and self._made_of[1] is None
-        return self._memory if isinstance(self.context.references, list) and whole else None
+        """The shared references' memory, cut by ``prepare``'s tiling (what a profile keeps)."""
+        refs = self.context.references
+        shared = isinstance(refs, list) and self._made_of == (refs, self._tiling)
+        return self._memory if shared else None
 
     def memory_bytes(self, references: int) -> int:
-        """float32 tokens of ``references`` images, each layer's coreset of them kept."""
+        """float32 tokens of ``references`` images (their tiles, when tiled), each layer's
+        coreset of them kept."""
         return memory_bytes(self.context.runtime, references, self.options.coreset)
 
     def group(self, name: str, tiling: Tiling | None = None) -> GroupScorer:

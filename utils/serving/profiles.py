@@ -14,8 +14,9 @@ On disk, a profile is one folder::
     <folder>/<name>/profile.json                its settings (threshold, scoring, fusion, coreset,
                                                 tile, ...), when it was made, its references' names
     <folder>/<name>/references/00000.png ...    the reference images as they were given
-    <folder>/<name>/memory-<key>.safetensors    the reference memory built by the model ``key``
-                                                (``model_key``), one tensor per tapped layer
+    <folder>/<name>/memory-<key>.safetensors    the reference memory built by the model and
+                                                tiling ``key`` (``model_key``, then the tiling
+                                                when tiled), one tensor per tapped layer
 
 A profile is written whole in ``.new-<name>-<id>/`` and renamed into place; one that it replaces
 is first renamed aside to ``.old-<name>-<id>/`` and removed once the new one is in place; a

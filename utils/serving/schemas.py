@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
 
+from utils.inference.tiling import MIN_SIDE
 from utils.scoring import FUSIONS, STRATEGIES
 
-__all__ = ["Finite", "Uploads", "Error", "Info", "ScoringForm", "JobForm", "JobCreated",
+__all__ = ["Finite", "Uploads", "TileSide", "Error", "Info", "ScoringForm", "JobForm", "JobCreated",
            "Result", "Skipped", "Calibration", "JobScoring", "ProfileSummary", "JobStatus",
            "Cancelled", "MapData", "PredictForm", "RunLengths", "ImageAnswer", "PredictAnswer",
            "ProfileForm", "ProfileDeleted"]
@@ -29,6 +30,21 @@ def _files_only(value):
 
 
 Uploads = Annotated[list[UploadFile], BeforeValidator(_files_only)]
+
+
+def _tile_side(value: int) -> int:
+    if value != 0 and value < MIN_SIDE:
+        raise ValueError(f"expected 0 (the server's default) or a tile side of at least "
+                         f"{MIN_SIDE} pixels, got {value}")
+    return value
+
+
+# a form's empty number input arrives as an empty string: absent, the server's default
+TileSide = Annotated[int, BeforeValidator(lambda v: 0 if v == "" else v),
+                     AfterValidator(_tile_side)]
+TILE = (f"cut each image into square tiles of this many pixels of the original image (an integer "
+        f"of at least {MIN_SIDE}; docs/predict.md, \"High-resolution images\"); 0 or absent: the "
+        "server's default (its --tile, else whole images)")
 
 
 class Error(BaseModel):
@@ -66,6 +82,7 @@ class ScoringForm(BaseModel):
         "server's")
     coreset: Finite | None = Field(None, gt=0.0, le=1.0, description="keep this fraction of the "
                                    "reference memory (greedy coreset); default the server's")
+    tile: TileSide = Field(0, description=TILE + "; with a profile, 0 or absent: the profile's")
 
 
 # ---- the page's jobs ---------------------------------------------------------------------------
@@ -133,6 +150,8 @@ class ProfileSummary(BaseModel):
     threshold: float | None = Field(description="its T; null: the server's")
     scoring: str
     fusion: str
+    tile: int | None = Field(description="its jobs' tile side in pixels (a job's own tile "
+                             "comes first); null: the server's default")
     options: dict[str, float | list[int]] = Field(description="the scoring's options")
 
 
@@ -150,6 +169,8 @@ class JobStatus(BaseModel):
     skipped: list[Skipped] = Field(description="from ?skipped_since= on")
     skipped_count: int
     calibration: Calibration | None
+    tile: int | None = Field(description="the side in pixels of the tiles it runs with; null: "
+                             "whole images")
     scoring: JobScoring | None = Field(description="the job's own scoring; null: the server's")
     profile: ProfileSummary | None = Field(description="the profile it used")
 
@@ -197,12 +218,15 @@ class ImageAnswer(BaseModel):
 class PredictAnswer(BaseModel):
     threshold: float
     profile: str | None = Field(None, description="the product profile used")
+    tile: int | None = Field(None, description="the side in pixels of the tiles the images were "
+                             "cut into; absent: whole images")
     images: list[ImageAnswer] = Field(description="one per image, in input order")
 
 
 # ---- product profiles --------------------------------------------------------------------------
 class ProfileForm(ScoringForm):
-    """A product profile: its normal reference images, scoring and T, created or replaced."""
+    """A product profile: its normal reference images, scoring, T and tile, created or
+    replaced (its ``tile``: that of the jobs that name it)."""
 
     threshold: Finite | None = Field(None, description="its T; default none (the server's)")
 

@@ -60,6 +60,7 @@ from utils.errors import InputError, UsageError
 from utils.data.images import IMAGE_EXTENSIONS, read_rgb, shown_size, unique_names
 from utils.inference.outputs import binary_mask, capped_size, full_size, overlay
 from utils.inference.prediction import Prediction, Predictor
+from utils.inference.tiling import Tiling
 from utils.evaluation.visualize import png_bytes
 from utils.scoring import FUSIONS, STRATEGIES, Context, Strategy, make_strategy
 from utils.serving.errors import Gone, LimitError, NotFound
@@ -245,7 +246,7 @@ class Job:
     disk: int  # bytes held in folder
     memory: int  # bytes its maps will hold
     false_alarm_rate: float = 0.0
-    tile: int | None = None  # tiles of SIDE px; None: the server's setting; 0: whole images
+    tile: int = 0  # tiles of SIDE px; 0: whole images (``Service.submit`` resolves it)
     id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     state: str = "queued"  # queued, running, finished, cancelled
     done: int = 0
@@ -328,7 +329,7 @@ class Job:
                 "position": position, "error": self.error,
                 "results": [i.summary() for i in items[since:]], "result_count": len(items),
                 "skipped": skipped[skipped_since:], "skipped_count": len(skipped),
-                "calibration": self.calibration,
+                "calibration": self.calibration, "tile": self.tile or None,
                 "scoring": self.scoring.describe() if self.scoring else None,
                 "profile": self.profile}
 
@@ -399,8 +400,13 @@ class Service:
         the server's; ``Service.scoring`` makes it); its ``folder`` is the job's from now on,
         removed with it, and removed at once when the job is refused. ``save_as`` is
         ``save_profile``'s; ``tile`` the job's tiles of SIDE px (``Predictor.tiling_for``;
-        None: the server's setting)."""
+        None: the profile's where ``scoring`` is one's, else the server's setting; 0: whole
+        images)."""
         with removed_on_error(folder):
+            if tile is None and scoring and scoring.profile:
+                tile = scoring.profile.settings.get("tile")
+            tiling = self.predictor.tiling_for(tile)  # a bad SIDE refused
+            tile = tiling.side if tiling else 0
             references = list(scoring.references) if scoring and not scoring.profile else []
             total = sum(len(v) for v in inputs.values())
             if total + len(references) > self.limits.files_per_job:
@@ -408,7 +414,7 @@ class Service:
                                  f"takes at most {self.limits.files_per_job}")
             for path, name in itertools.chain(*inputs.values(), references):
                 check_pixels(path, name, self.limits.pixels_per_image)
-            held = self._references_memory(scoring, inputs)
+            held = self._references_memory(scoring, inputs, tile)
             maps = sum(self.predictor.map_bytes(p, tile) for p, _ in
                        itertools.chain(*inputs.values())) if kind == "inspect" else 0
             job = Job(client, kind, inputs, folder, _size_of(folder), maps + held,
@@ -480,9 +486,10 @@ class Service:
             check_name(name)
             scoring = scoring or self._scoring(name=self.predictor.strategy.name)
             self.profile_store().check_room(name, len(scoring.references), _size_of(folder)
-                                            + self._references_memory(scoring, {}))
+                                            + self._references_memory(scoring, {}, tile))
         save_as = {"name": name, "threshold": threshold, "tile": tile}
-        return self.submit(client, "profile", {}, folder, scoring=scoring, save_as=save_as)
+        return self.submit(client, "profile", {}, folder, scoring=scoring, save_as=save_as,
+                           tile=tile)
 
     def profile_store(self) -> Profiles:
         """The product profiles (a server without them refuses)."""
@@ -494,16 +501,19 @@ class Service:
         s = profile.settings
         return Scoring(s["scoring"], s, s["fusion"], tuple(profile.references), profile)
 
-    def _references_memory(self, scoring: Scoring | None, inputs: dict) -> int:
-        """Bytes of the reference memory that ``scoring`` builds for a job of ``inputs``; too few
-        images for its strategy are refused."""
+    def _references_memory(self, scoring: Scoring | None, inputs: dict,
+                           tile: int | None = None) -> int:
+        """Bytes of the reference memory that ``scoring`` builds for a job of ``inputs`` tiled
+        by ``tile`` (its references' tiles counted); too few images for its strategy are
+        refused."""
         if scoring is None:
             return 0
         strategy = scoring.strategy(self.predictor.runtime, self.predictor.batch_size)
         sizes = {"the images" if g == "images" else f"the {g} images": len(v)
                  for g, v in inputs.items() if v}
         strategy.check_sizes(sizes, "group")
-        return strategy.memory_bytes(len(scoring.references))
+        paths = [p for p, _ in scoring.references]
+        return strategy.memory_bytes(self.predictor.tile_count(paths, tile))
 
     @property
     def model_key(self) -> str:
@@ -511,6 +521,12 @@ class Service:
         if self._model_key is None:
             self._model_key = model_key(self.predictor.runtime)
         return self._model_key
+
+    def memory_key(self, tiling: Tiling | None) -> str:
+        """The key of a profile's reference memory built by this model, its references cut by
+        ``tiling``."""
+        tiled = f"-tile{tiling.side}-overlap{tiling.overlap:g}" if tiling else ""
+        return self.model_key + tiled
 
     def job(self, client: str, job_id: str) -> Job:
         """The client's job ``job_id`` (another client's is not found)."""
@@ -629,14 +645,16 @@ class Service:
         if scoring is None:
             return default
         profile, runtime = scoring.profile, default.runtime
-        cached = None
+        tiling, cached = default.tiling_for(job.tile), None
         if profile is not None and scoring.references:
-            cached = self.profiles.memory(profile, self.model_key, runtime.device)
+            cached = self.profiles.memory(profile, self.memory_key(tiling), runtime.device)
         predictor = Predictor(runtime, scoring.strategy(runtime, default.batch_size, cached),
-                              default.batch_size, default.num_workers, default.tiling,
+                              default.batch_size, default.num_workers, tiling,
                               default.max_map_side)
-        if profile is not None and cached is None and predictor.strategy.memory is not None:
-            self.profiles.keep_memory(profile, self.model_key, predictor.strategy.memory)
+        # cached: the memory of the profile's own tiling (a job's own tile does not replace it)
+        own = profile is not None and default.tiling_for(profile.settings.get("tile")) == tiling
+        if own and cached is None and predictor.strategy.memory is not None:
+            self.profiles.keep_memory(profile, self.memory_key(tiling), predictor.strategy.memory)
         return predictor
 
     def _save(self, job: Job, strategy: Strategy) -> dict | None:
@@ -647,8 +665,9 @@ class Service:
         memory = strategy.memory
         settings = {**job.scoring.settings_of(strategy), "threshold": job.save_as["threshold"],
                     "tile": job.save_as["tile"]}
+        key = self.memory_key(self.predictor.tiling_for(job.tile))
         return self.profiles.save(job.save_as["name"], list(job.scoring.references), settings,
-                                  memory, self.model_key if memory is not None else None)
+                                  memory, key if memory is not None else None)
 
     def _order(self) -> list[Job]:
         """The waiting jobs in the order they will run: each time, the oldest job of the client

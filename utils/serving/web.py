@@ -308,7 +308,7 @@ async def create(form: Annotated[JobForm, File()], service: ServiceDep,
                                  + (" or name a shared folder" if service.folders.roots else ""))
             scoring = _scoring(form, folder, service, form.profile)
         return service.submit(client, form.kind, inputs, folder, form.false_alarm_rate,
-                              scoring=scoring)
+                              scoring=scoring, tile=form.tile or None)
     return {"job": (await run_in_threadpool(queue)).id}
 
 
@@ -402,7 +402,8 @@ async def predict(form: Annotated[PredictForm, File()], service: ServiceDep, cli
         with removed_on_error(folder):
             inputs = {"images": _save(form.images, folder / "images")}
             scoring = _scoring(form, folder, service, form.profile or profile)
-        return service.submit(client, "inspect", inputs, folder, scoring=scoring)
+        return service.submit(client, "inspect", inputs, folder, scoring=scoring,
+                              tile=form.tile or None)
     job = await run_in_threadpool(queue)
     try:
         await _finished(job)
@@ -412,7 +413,8 @@ async def predict(form: Annotated[PredictForm, File()], service: ServiceDep, cli
         images = await run_in_threadpool(_answers, service, job, threshold, form.mask, client)
     finally:
         service.delete(job)
-    return {"threshold": threshold, "profile": used.get("name"), "images": images}
+    return {"threshold": threshold, "profile": used.get("name"), "tile": job.tile or None,
+            "images": images}
 
 
 def _answers(service: Service, job, threshold: float, mask: str, client: str) -> list[dict]:
@@ -458,7 +460,8 @@ async def save_profile(name: str, form: Annotated[ProfileForm, File()], service:
     def queue():
         with removed_on_error(folder):
             scoring = _scoring(form, folder, service)
-        return service.save_profile(client, name, scoring, folder, form.threshold)
+        return service.save_profile(client, name, scoring, folder, form.threshold,
+                                    form.tile or None)
     job = await run_in_threadpool(queue)
     try:
         await _finished(job)
