@@ -245,7 +245,9 @@ def test_the_line_api(served, images):
     ref = lambda holder: schemas[holder["schema"]["$ref"].rsplit("/", 1)[1]]
     form = ref(post["requestBody"]["content"]["multipart/form-data"])
     assert set(form["properties"]) == {"images", "threshold", "mask", "profile", "references",
-                                       "references_folder", "scoring", "fusion", "coreset"}
+                                       "references_folder", "scoring", "fusion", "coreset",
+                                       "tile"}
+    assert "at least 16" in form["properties"]["tile"]["description"]
     assert form["additionalProperties"] is False  # an unknown field is refused, not ignored
     assert form["required"] == ["images"]
     assert form["properties"]["mask"]["enum"] == ["none", "png", "rle"]
@@ -531,7 +533,8 @@ def test_normal_images_and_a_profile_on_the_page(tiny_archive, tiny_checkpoint, 
                                                   tmp_path):
     """A job with normal images chosen on the page scores as the API does with them (not as
     zero-shot); Calibrate T then Save as profile writes them with T, and after a restart the
-    profile is listed, picked (its T on the slider) and scores as the API's ?profile=."""
+    profile is listed, picked (its T on the slider) and scores as the API's ?profile=; the tile
+    size typed reaches the job."""
     import predict
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -565,7 +568,8 @@ def test_normal_images_and_a_profile_on_the_page(tiny_archive, tiny_checkpoint, 
         run_images(driver, inspected)
         assert shown(driver) == pytest.approx(own, abs=1e-4)
         assert shown(driver) != pytest.approx(zero_shot, abs=1e-4)
-        assert said(driver) == "scored with reference scoring against 3 normal image(s)"
+        assert said(driver) == ("scored with reference scoring against 3 normal image(s); "
+                                "whole images")
 
         calibrate_on_page(driver, [images / "deep.tif", images / "wide.png"], [], "0.5")
         t = driver.execute_script("return state.calibrated")
@@ -593,6 +597,10 @@ def test_normal_images_and_a_profile_on_the_page(tiny_archive, tiny_checkpoint, 
         assert shown(driver) == pytest.approx(by_profile, abs=1e-4)  # 4 decimals shown
         assert said(driver).startswith("scored with profile bracket-7: 3 normal image(s), "
                                        "reference scoring, its T ")
+        # the tile size reaches the job: its status says the tiles it ran with
+        driver.find_element(By.ID, "tile").send_keys("24")
+        driver.find_element(By.ID, "run").click()  # the same images again
+        wait(driver, lambda d: said(d).endswith("; tiles of 24 px"), "the job's tiles")
     finally:
         driver.quit()
         server.stop()
