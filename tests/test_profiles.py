@@ -561,6 +561,19 @@ def test_a_profile_over_the_api_scores_as_predict_reference(line, photos, predic
     assert job["profile"] == made and job["scoring"]["profile"] == "bracket-7"
 
 
+def test_a_tile_absent_is_the_default_and_0_is_whole_images(predictor):
+    """The form's tile: empty or absent -> None (the profile's, else the server's), 0 -> whole
+    images even where the server tiles, SIDE -> tiles of SIDE at the server's overlap."""
+    from utils.inference.tiling import Tiling
+    from utils.serving.schemas import ScoringForm
+    assert ScoringForm().tile is None and ScoringForm(tile="").tile is None
+    assert ScoringForm(tile="0").tile == 0 and ScoringForm(tile="48").tile == 48
+    tiled = copy.copy(predictor)
+    tiled.tiling = Tiling(64, 0.5)
+    assert tiled.tiling_for(None) == Tiling(64, 0.5) and tiled.tiling_for(0) is None
+    assert tiled.tiling_for(48) == Tiling(48, 0.5)
+
+
 def test_a_tile_per_job_and_per_profile_scores_as_predict_tile(line, photos, predicted_tiled):
     client, wide = line.client, files("images", photos / "wide")
     body, scores = answered(client, "/api/v1/predict", [*wide, ("tile", str(TILE))])
@@ -687,7 +700,7 @@ def test_hostile_profile_requests_are_refused_cleanly(line, photos, tmp_path):
         ("a field the server does not take", predict(("tile_overlap", "0.5")), 422,
          "tile_overlap: Extra inputs are not permitted"),
         ("a tile below 16 px", predict(("tile", "8")), 422,
-         "tile: Value error, expected 0 (the server's default) or a tile side of at least 16"),
+         "tile: Value error, expected 0 (whole images) or a tile side of at least 16"),
         ("a tile that is no number", predict(("tile", "abc")), 422,
          "tile: Input should be a valid integer"),
         ("a page's job with a negative tile", dict(path="/api/jobs", form=[

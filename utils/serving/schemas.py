@@ -32,19 +32,19 @@ def _files_only(value):
 Uploads = Annotated[list[UploadFile], BeforeValidator(_files_only)]
 
 
-def _tile_side(value: int) -> int:
-    if value != 0 and value < MIN_SIDE:
-        raise ValueError(f"expected 0 (the server's default) or a tile side of at least "
-                         f"{MIN_SIDE} pixels, got {value}")
+def _tile_side(value: int | None) -> int | None:
+    if value is not None and value != 0 and value < MIN_SIDE:
+        raise ValueError(f"expected 0 (whole images) or a tile side of at least {MIN_SIDE} "
+                         f"pixels, got {value}")
     return value
 
 
-# a form's empty number input arrives as an empty string: absent, the server's default
-TileSide = Annotated[int, BeforeValidator(lambda v: 0 if v == "" else v),
+# a form's empty number input arrives as an empty string: absent, the default
+TileSide = Annotated[int | None, BeforeValidator(lambda v: None if v == "" else v),
                      AfterValidator(_tile_side)]
 TILE = (f"cut each image into square tiles of this many pixels of the original image (an integer "
-        f"of at least {MIN_SIDE}; docs/predict.md, \"High-resolution images\"); 0 or absent: the "
-        "server's default (its --tile, else whole images)")
+        f"of at least {MIN_SIDE}; docs/predict.md, \"High-resolution images\"); 0: whole images; "
+        "absent: the default (the profile's tile, else the server's --tile, else whole images)")
 
 
 class Error(BaseModel):
@@ -82,7 +82,7 @@ class ScoringForm(BaseModel):
         "server's")
     coreset: Finite | None = Field(None, gt=0.0, le=1.0, description="keep this fraction of the "
                                    "reference memory (greedy coreset); default the server's")
-    tile: TileSide = Field(0, description=TILE + "; with a profile, 0 or absent: the profile's")
+    tile: TileSide = Field(None, description=TILE)
 
 
 # ---- the page's jobs ---------------------------------------------------------------------------

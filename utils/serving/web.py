@@ -308,7 +308,7 @@ async def create(form: Annotated[JobForm, File()], service: ServiceDep,
                                  + (" or name a shared folder" if service.folders.roots else ""))
             scoring = _scoring(form, folder, service, form.profile)
         return service.submit(client, form.kind, inputs, folder, form.false_alarm_rate,
-                              scoring=scoring, tile=form.tile or None)
+                              scoring=scoring, tile=form.tile)
     return {"job": (await run_in_threadpool(queue)).id}
 
 
@@ -403,7 +403,7 @@ async def predict(form: Annotated[PredictForm, File()], service: ServiceDep, cli
             inputs = {"images": _save(form.images, folder / "images")}
             scoring = _scoring(form, folder, service, form.profile or profile)
         return service.submit(client, "inspect", inputs, folder, scoring=scoring,
-                              tile=form.tile or None)
+                              tile=form.tile)
     job = await run_in_threadpool(queue)
     try:
         await _finished(job)
@@ -461,7 +461,7 @@ async def save_profile(name: str, form: Annotated[ProfileForm, File()], service:
         with removed_on_error(folder):
             scoring = _scoring(form, folder, service)
         return service.save_profile(client, name, scoring, folder, form.threshold,
-                                    form.tile or None)
+                                    form.tile)
     job = await run_in_threadpool(queue)
     try:
         await _finished(job)
