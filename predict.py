@@ -47,6 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from utils.evaluation.calibration import Calibration, alarm_rate, calibrate
@@ -289,6 +290,9 @@ def report_calibration(c: Calibration, held_out: list[float]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # your own files: no decompression-bomb guard, so a 14000x14000 photo is read as any other
+    # (Pillow warns above 89 and refuses above 179 megapixels; the server keeps a limit of its own)
+    Image.MAX_IMAGE_PIXELS = None
     shard = World()
     if shard.world > 1 and not args.device:
         args.device_id = shard.local_rank  # one accelerator per process, if there are any

@@ -56,6 +56,16 @@ def test_formats_corrupt_file_and_threshold(tmp_path, folder, tiny_archive, tiny
         assert float(row["max_pixel_score"]) == pytest.approx(float(amap.max()), abs=1e-6)
 
 
+def test_large_images_are_read_without_the_decompression_bomb_guard(
+        tmp_path, folder, tiny_archive, tiny_checkpoint, monkeypatch, capsys):
+    """Pillow refuses images over twice its pixel limit (179 megapixels by default) as
+    decompression bombs; predict.py reads the user's own files whatever their size (here the
+    limit is set below the test images' size to stand for a 200-megapixel photo)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert run(tmp_path, tiny_archive, tiny_checkpoint, folder / "a.png") == 0
+    assert "1 images segmented, 0 skipped" in capsys.readouterr().out
+
+
 def test_map_is_the_unnormalized_smoothed_blend(tmp_path, folder, tiny_archive, tiny_checkpoint):
     from model import build_vcp_clip, checkpoint_configs, read_checkpoint
     from utils.data.dataset import image_transform
