@@ -53,10 +53,10 @@ from tqdm import tqdm
 from utils.evaluation.calibration import Calibration, alarm_rate, calibrate
 from utils.cli import (INPUT_ERRORS, ArgumentParser, add_model_flags, add_onnx_flag,
                        add_scoring_flags, add_tile_flags, at_least, check_output_folder, fail,
-                       predictor_of, run_flags, strategy_of, tiling_of, warn_not_inspected)
+                       inputs_of, predictor_of, run_flags, strategy_of, tiling_of)
 from utils.distributed import World
 from utils.errors import OutputError, UsageError
-from utils.data.images import expand_inputs, unique_names
+from utils.data.images import unique_names
 from utils.inference.outputs import OUTPUTS, OutputWriter
 from utils.paths import DEFAULT_CHECKPOINT
 from utils.inference.prediction import Prediction, Predictor, Skipped, check_groups
@@ -144,9 +144,7 @@ def predict(args: argparse.Namespace, shard: World) -> tuple[list[dict], list[st
     the rows of all inputs in input order, the skipped paths and the run's pace."""
     if not args.inputs:
         raise UsageError("give INPUT images to segment, or --calibrate NORMAL")
-    paths, ignored = expand_inputs(args.inputs)
-    if shard.main:
-        warn_not_inspected(ignored)
+    paths = inputs_of(args.inputs, report=shard.main)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
     check_output_folder(args.save_path, "--save_path")
@@ -252,12 +250,8 @@ def calibrate_threshold(args: argparse.Namespace,
         raise UsageError(f"--false_alarm_rate: expected a number in [0, 1), got "
                          f"{args.false_alarm_rate}")
     sets = {flag: getattr(args, flag) for flag in ("calibrate", "defective", "held_out")}
-    paths = {}
-    for flag, spec in sets.items():
-        if spec is not None:
-            paths[flag], ignored = expand_inputs([spec])
-            if shard.main:
-                warn_not_inspected(ignored)
+    paths = {flag: inputs_of([spec], report=shard.main) for flag, spec in sets.items()
+             if spec is not None}
     for flag, found in paths.items():
         if not found:
             raise UsageError(f"--{flag} {sets[flag]}: no images found")

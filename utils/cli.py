@@ -88,10 +88,13 @@ def run_flags(args: argparse.Namespace, ignored: tuple[str, ...], **extra) -> di
     return json.loads(json.dumps({**kept, **extra}))
 
 
-def warn_not_inspected(ignored: list[tuple[Path, str]]) -> None:
-    """Name once each file that a folder or glob held and that is not inspected, with why."""
-    for path, reason in ignored:
+def inputs_of(specs: list[str], report: bool = True) -> list[Path]:
+    """The image files that ``specs`` (files, folders, globs) name; with ``report`` each file
+    a folder or glob held that is not inspected is named once on stderr, with why."""
+    paths, ignored = expand_inputs(specs)
+    for path, reason in ignored if report else ():
         print(f"note: not inspected: {path}: {reason}", file=sys.stderr)
+    return paths
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
@@ -265,8 +268,7 @@ def reference_paths(args: argparse.Namespace) -> list[Path] | None:
     """The ``--reference`` images (None without the flag); fails before any model work."""
     if args.reference is None:
         return None
-    references, ignored = expand_inputs(args.reference)
-    warn_not_inspected(ignored)
+    references = inputs_of(args.reference)
     if not references:
         raise UsageError(f"--reference: no images found in {args.reference}")
     return references
