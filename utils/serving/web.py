@@ -269,12 +269,18 @@ def _scoring(form: ScoringForm, folder: Path, service: Service,
              profile: str | None = None) -> Scoring | None:
     """A job's own scoring from a form's fields (its reference uploads saved in ``folder``, a
     shared folder's listed), or the ``profile``'s; None: the server's. In a worker thread."""
-    references = _save(form.references, folder / "references")
-    shared = form.references_folder.strip()
-    if shared:
-        references += service.folders.images(shared)
+    references = _gathered(form.references, form.references_folder, folder / "references",
+                           service)
     return service.scoring(references, form.scoring, form.fusion, {"coreset": form.coreset},
                            profile or None)
+
+
+def _gathered(files: list[UploadFile], shared: str, folder: Path,
+              service: Service) -> list[tuple[Path, str]]:
+    """(path, name as given) of a group's uploads, saved in ``folder``, then of the images of
+    the ``shared`` folder it names (none: empty). In a worker thread."""
+    saved = _save(files, folder)
+    return saved + service.folders.images(shared.strip()) if shared.strip() else saved
 
 
 async def _finished(job: Job) -> Job:
@@ -297,11 +303,8 @@ async def create(form: Annotated[JobForm, File()], service: ServiceDep,
 
     def queue():  # a worker thread: save the uploads, list the shared folders
         with removed_on_error(folder):
-            inputs = {g: _save(getattr(form, g), folder / g) for g in groups}
-            for g in groups:
-                shared = getattr(form, f"{g}_folder").strip()
-                if shared:
-                    inputs[g] += service.folders.images(shared)
+            inputs = {g: _gathered(getattr(form, g), getattr(form, f"{g}_folder"), folder / g,
+                                   service) for g in groups}
             if not inputs[groups[0]]:
                 what = "images" if groups[0] == "images" else f"{groups[0]} images"
                 raise UsageError(f"no {what} given: choose image files"
